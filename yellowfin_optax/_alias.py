@@ -1,0 +1,200 @@
+"""The public YellowFin alias and the hyperparameter reader.
+
+``yellowfin()`` nests its pieces in the order the paper reads:
+measure (:func:`gradient_statistics`) -> tune (:func:`yellowfin_tuner`) ->
+momentum SGD (:func:`tuned_momentum`), guarded by :func:`skip_nonfinite`.
+
+Memory: two parameter-size buffers (gradient EMA and momentum), like Adam,
+plus ``curvature_window + 22`` scalars.
+
+References:
+  Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
+  <https://arxiv.org/abs/1706.03471>`_, 2018.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from yellowfin_optax import _momentum
+from yellowfin_optax import _nonfinite
+from yellowfin_optax import _statistics
+from yellowfin_optax import _tuner
+
+HYPERPARAM_NAMES = (
+    'learning_rate', 'momentum', 'lr_t', 'mu_t', 'lr', 'mu', 'h_min', 'h_max',
+    'grad_var', 'dist_to_opt', 'step', 'skipped_steps', 'total_momentum',
+    'target_momentum', 'algorithmic_momentum',
+)
+
+
+def yellowfin(
+    learning_rate: jax.typing.ArrayLike = 1e-4,
+    momentum: jax.typing.ArrayLike = 0.0,
+    *,
+    beta: jax.typing.ArrayLike = 0.999,
+    curvature_window: int = 20,
+    zero_debias: bool = True,
+    sparsity_debias: bool = False,
+    h_min_log_smooth: bool = True,
+    h_max_log_smooth: bool = True,
+    adaptive_clipping: bool = True,
+    stat_protect_factor: jax.typing.ArrayLike = 100.0,
+    catastrophic_move_threshold: jax.typing.ArrayLike = 100.0,
+    clip_norm: jax.typing.ArrayLike | None = None,
+    lr_factor: _tuner.ScalarOrSchedule = 1.0,
+    smoothed_hyperparams: bool = False,
+    nesterov: bool = False,
+    eps: float = 1e-6,
+    axis_name: str | None = None,
+    on_nonfinite: str = 'skip',
+) -> optax.GradientTransformationExtraArgs:
+  r"""YellowFin: momentum SGD that tunes its own learning rate and momentum.
+
+  Each step measures the curvature range :math:`[h_{\min}, h_{\max}]`, the
+  gradient variance :math:`C` and the distance to the optimum :math:`D` from
+  the gradients alone, then picks the momentum and learning rate that minimise
+  the expected squared distance after one step on a noisy quadratic while
+  keeping every curvature in momentum's robust region:
+
+  .. math::
+    \mu_t = \max\left(x^{*2}, \left(\tfrac{\sqrt{h_{\max}/h_{\min}} - 1}
+      {\sqrt{h_{\max}/h_{\min}} + 1}\right)^2\right), \quad
+    \alpha_t = \frac{(1 - \sqrt{\mu_t})^2}{h_{\min}},
+
+  with :math:`x^*` the root of :math:`x^2 D^2 + (1-x)^4 C / h_{\min}^2`, and
+  applies heavy-ball momentum SGD with them. Defaults reproduce the authors'
+  PyTorch reference step for step.
+
+  Args:
+    learning_rate: initial learning rate (applied at step 0 only).
+    momentum: initial momentum (applied at step 0 only), in [0, 1).
+    beta: EMA rate of all statistics and of the smoothed values, in (0, 1).
+    curvature_window: number of recent ``||g||^2`` whose extremes give the
+      curvature range, >= 1.
+    zero_debias: debias the EMAs.
+    sparsity_debias: correct the statistics for sparse gradients.
+    h_min_log_smooth: smooth ``h_min`` in log space.
+    h_max_log_smooth: smooth ``h_max`` in log space.
+    adaptive_clipping: the reference's statistics-protection,
+      exploding-gradient and catastrophic-move clips.
+    stat_protect_factor: statistics protection clips ``||g||`` to
+      ``sqrt(stat_protect_factor * h_max)``, >= 0.
+    catastrophic_move_threshold: cap on ``learning_rate * ||g||``, > 0.
+    clip_norm: fixed global-norm clip before everything; ``None`` for none.
+    lr_factor: multiplier of the tuned learning rate, a scalar or an optax
+      schedule of the step (for decay recipes).
+    smoothed_hyperparams: apply the ``beta``-smoothed learning rate and momentum
+      (the paper's Algorithm 1) instead of the instantaneous ones (the
+      references).
+    nesterov: use Nesterov momentum.
+    eps: numerical floor.
+    axis_name: ``pmap``/``shard_map`` axis to average gradients over before
+      measuring; ``None`` for a single replica or sharded ``jit``.
+    on_nonfinite: ``'skip'``, ``'raise_in_debug'`` or ``'propagate'``; see
+      :func:`skip_nonfinite`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; read the tuned values with
+    :func:`hyperparams`.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import yellowfin_optax as yf
+    >>> loss = lambda x: jnp.sum(jnp.array([1.0, 10.0]) * x**2)
+    >>> tx = yf.yellowfin()
+    >>> params = jnp.array([1.0, 1.0])
+    >>> state = tx.init(params)
+    >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    >>> for _ in range(300):
+    ...   updates, state = step(params, state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(f"loss {float(loss(params)):.1e}")
+    loss ...
+
+  References:
+    Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
+    <https://arxiv.org/abs/1706.03471>`_, 2018.
+  """
+  statistics = _statistics.gradient_statistics(
+      beta, curvature_window,
+      zero_debias=zero_debias,
+      sparsity_debias=sparsity_debias,
+      h_min_log_smooth=h_min_log_smooth,
+      h_max_log_smooth=h_max_log_smooth,
+      adaptive_clipping=adaptive_clipping,
+      stat_protect_factor=stat_protect_factor,
+      clip_norm=clip_norm,
+      eps=eps,
+      axis_name=axis_name,
+  )
+  tuner = _tuner.yellowfin_tuner(
+      statistics,
+      learning_rate=learning_rate,
+      momentum=momentum,
+      beta=beta,
+      curvature_window=curvature_window,
+      lr_factor=lr_factor,
+      smoothed_hyperparams=smoothed_hyperparams,
+      adaptive_clipping=adaptive_clipping,
+      catastrophic_move_threshold=catastrophic_move_threshold,
+      eps=eps,
+  )
+  return _nonfinite.skip_nonfinite(
+      _momentum.tuned_momentum(tuner, nesterov=nesterov),
+      on_nonfinite=on_nonfinite,
+  )
+
+
+def hyperparams(state: Any) -> dict[str, jax.Array]:
+  """Reads YellowFin's tuned values and statistics from an optimizer state.
+
+  Works on the state of :func:`yellowfin`, :func:`closed_loop_yellowfin`, any
+  single piece, or any optax wrapper or chain holding one of them, inside or
+  outside ``jit`` (it only selects leaves: no computation, no host sync).
+
+  Args:
+    state: an optimizer state containing exactly one YellowFin.
+
+  Returns:
+    A dict of 0-d arrays, those of ``learning_rate``, ``momentum`` (the values
+    applied at the last step), ``lr_t``, ``mu_t`` (instantaneous tuner
+    output), ``lr``, ``mu`` (smoothed), ``h_min``, ``h_max``, ``grad_var``,
+    ``dist_to_opt``, ``step``, ``skipped_steps`` and, for the closed loop,
+    ``total_momentum``, ``target_momentum`` and ``algorithmic_momentum`` that
+    the state holds. In the closed loop ``momentum`` is the algorithmic
+    momentum actually applied.
+
+  Raises:
+    ValueError: if the state holds more than one YellowFin (e.g. under
+      ``optax.multi_transform``): call it on each group's state instead.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import yellowfin_optax as yf
+    >>> tx = yf.yellowfin()
+    >>> state = tx.init(jnp.zeros(3))
+    >>> _, state = tx.update(jnp.ones(3), state)
+    >>> print(f"{float(yf.hyperparams(state)['learning_rate']):.0e}")
+    1e-04
+  """
+  found: dict[str, jax.Array] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    key = path[-1] if path else None
+    name = getattr(key, 'name', None)
+    if name in HYPERPARAM_NAMES and jnp.ndim(leaf) == 0:
+      if name in found:
+        raise ValueError(
+            f'The state holds more than one {name!r}: it contains several '
+            'YellowFin optimizers. Call hyperparams() on each one\'s state.'
+        )
+      found[name] = leaf
+  if 'algorithmic_momentum' in found:
+    found['momentum'] = found['algorithmic_momentum']
+  return found

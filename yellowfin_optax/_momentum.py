@@ -1,0 +1,106 @@
+"""Momentum SGD with tuned values, exactly as ``torch.optim.SGD`` applies it.
+
+Memory: one parameter-size buffer (the momentum trace, in the gradient dtype)
+plus the wrapped tuner's state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TunedMomentumState(NamedTuple):
+  """State of :func:`tuned_momentum`.
+
+  Attributes:
+    tuner: state of the wrapped tuner (it holds ``learning_rate`` and
+      ``momentum``).
+    trace: pytree like the params: the heavy-ball buffer ``v``.
+  """
+
+  tuner: Any
+  trace: optax.Updates
+
+
+def tuned_momentum(
+    tuner: optax.GradientTransformation,
+    *,
+    nesterov: bool = False,
+    momentum_range: tuple[float, float] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Momentum SGD with the learning rate and momentum chosen by ``tuner``.
+
+  After ``tuner`` updates, its state's ``learning_rate`` :math:`\alpha` and
+  ``momentum`` :math:`\mu` are applied in torch's heavy-ball form:
+
+  .. math::
+    v \leftarrow \mu v + g, \quad u = -\alpha v
+    \quad (\text{Nesterov: } u = -\alpha (g + \mu v)).
+
+  As in ``torch.optim.SGD``, a step whose momentum is exactly zero leaves
+  ``v`` untouched and applies :math:`-\alpha g`, so the step-0 gradient of a
+  run started at :math:`\mu_0 = 0` never enters ``v``.
+
+  ``update`` accepts a keyword ``momentum_offset`` (the closed loop's
+  correction :math:`\delta`): then :math:`\mu + \delta` is applied, clipped to
+  ``momentum_range``.
+
+  Args:
+    tuner: a transformation whose state has ``learning_rate`` and ``momentum``
+      fields, normally :func:`yellowfin_tuner`.
+    nesterov: use Nesterov momentum.
+    momentum_range: ``(low, high)`` bounds for the offset momentum; ``None``
+      applies the tuner's momentum unclipped.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose updates are to be added
+    to the parameters.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import yellowfin_optax as yf
+    >>> tx = yf.tuned_momentum(yf.yellowfin_tuner(yf.gradient_statistics()))
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state)  # grad of |x|^2 / 2 is x
+    >>> print(optax.apply_updates(params, updates))
+    [ 0.9999 -1.9998]
+  """
+
+  def init_fn(params):
+    return TunedMomentumState(
+        tuner=tuner.init(params), trace=optax.tree.zeros_like(params)
+    )
+
+  def update_fn(updates, state, params=None, *, momentum_offset=None,
+                **extra_args):
+    del extra_args
+    grads, tuner_state = tuner.update(updates, state.tuner, params)
+    lr, mu = tuner_state.learning_rate, tuner_state.momentum
+    if momentum_offset is not None:
+      mu = mu + momentum_offset
+      if momentum_range is not None:
+        mu = jnp.clip(mu, *momentum_range)
+    moving = mu != 0.0
+    trace = jax.tree.map(
+        lambda g, v: jnp.where(moving, (mu * v + g).astype(v.dtype), v),
+        grads, state.trace,
+    )
+    if nesterov:
+      direction = jax.tree.map(lambda g, v: g + mu * v, grads, trace)
+    else:
+      direction = jax.tree.map(
+          lambda g, v: jnp.where(moving, v, g), grads, trace
+      )
+    new_updates = jax.tree.map(
+        lambda d, g: (-lr * d).astype(g.dtype), direction, grads
+    )
+    return new_updates, TunedMomentumState(tuner=tuner_state, trace=trace)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
