@@ -5,8 +5,16 @@ References:
   <https://arxiv.org/abs/1706.03471>`_, SysML 2018.
 """
 
-from yellowfin_optax._alias import hyperparams
 from yellowfin_optax._alias import yellowfin
+from yellowfin_optax._closed_loop import closed_loop
+from yellowfin_optax._closed_loop import closed_loop_yellowfin
+from yellowfin_optax._closed_loop import ClosedLoopState
+from yellowfin_optax._closed_loop import masked_median
+from yellowfin_optax._closed_loop import total_momentum
+from yellowfin_optax._closed_loop import TotalMomentumState
+from yellowfin_optax._delay import delayed_gradients
+from yellowfin_optax._delay import DelayedGradientsState
+from yellowfin_optax._hyperparams import hyperparams
 from yellowfin_optax._momentum import tuned_momentum
 from yellowfin_optax._momentum import TunedMomentumState
 from yellowfin_optax._nonfinite import skip_nonfinite
@@ -20,3 +28,27 @@ from yellowfin_optax._tuner import yellowfin_tuner
 from yellowfin_optax._tuner import YellowFinTunerState
 
 __version__ = '0.1.0'
+
+__all__ = [
+    'ClosedLoopState',
+    'DelayedGradientsState',
+    'GradientStatisticsState',
+    'SkipNonFiniteState',
+    'TotalMomentumState',
+    'TunedMomentumState',
+    'YellowFinTunerState',
+    'closed_loop',
+    'closed_loop_yellowfin',
+    'cubic_root',
+    'delayed_gradients',
+    'gradient_statistics',
+    'hyperparams',
+    'masked_median',
+    'robust_momentum',
+    'skip_nonfinite',
+    'total_momentum',
+    'tune',
+    'tuned_momentum',
+    'yellowfin',
+    'yellowfin_tuner',
+]

@@ -17,20 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from yellowfin_optax import _momentum
 from yellowfin_optax import _nonfinite
 from yellowfin_optax import _statistics
 from yellowfin_optax import _tuner
-
-HYPERPARAM_NAMES = (
-    'learning_rate', 'momentum', 'lr_t', 'mu_t', 'lr', 'mu', 'h_min', 'h_max',
-    'grad_var', 'dist_to_opt', 'step', 'skipped_steps', 'total_momentum',
-    'target_momentum', 'algorithmic_momentum',
-)
-
 
 def yellowfin(
     learning_rate: jax.typing.ArrayLike = 1e-4,
@@ -122,29 +114,23 @@ def yellowfin(
     Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
     <https://arxiv.org/abs/1706.03471>`_, 2018.
   """
-  statistics = _statistics.gradient_statistics(
-      beta, curvature_window,
+  tuner = yellowfin_tuner_from_options(
+      learning_rate=learning_rate,
+      momentum=momentum,
+      beta=beta,
+      curvature_window=curvature_window,
       zero_debias=zero_debias,
       sparsity_debias=sparsity_debias,
       h_min_log_smooth=h_min_log_smooth,
       h_max_log_smooth=h_max_log_smooth,
       adaptive_clipping=adaptive_clipping,
       stat_protect_factor=stat_protect_factor,
+      catastrophic_move_threshold=catastrophic_move_threshold,
       clip_norm=clip_norm,
-      eps=eps,
-      axis_name=axis_name,
-  )
-  tuner = _tuner.yellowfin_tuner(
-      statistics,
-      learning_rate=learning_rate,
-      momentum=momentum,
-      beta=beta,
-      curvature_window=curvature_window,
       lr_factor=lr_factor,
       smoothed_hyperparams=smoothed_hyperparams,
-      adaptive_clipping=adaptive_clipping,
-      catastrophic_move_threshold=catastrophic_move_threshold,
       eps=eps,
+      axis_name=axis_name,
   )
   return _nonfinite.skip_nonfinite(
       _momentum.tuned_momentum(tuner, nesterov=nesterov),
@@ -152,49 +138,30 @@ def yellowfin(
   )
 
 
-def hyperparams(state: Any) -> dict[str, jax.Array]:
-  """Reads YellowFin's tuned values and statistics from an optimizer state.
+_STATISTICS_OPTIONS = (
+    'beta', 'curvature_window', 'zero_debias', 'sparsity_debias',
+    'h_min_log_smooth', 'h_max_log_smooth', 'adaptive_clipping',
+    'stat_protect_factor', 'clip_norm', 'eps', 'axis_name',
+)
+_TUNER_OPTIONS = (
+    'learning_rate', 'momentum', 'beta', 'curvature_window', 'lr_factor',
+    'smoothed_hyperparams', 'adaptive_clipping', 'catastrophic_move_threshold',
+    'eps',
+)
 
-  Works on the state of :func:`yellowfin`, :func:`closed_loop_yellowfin`, any
-  single piece, or any optax wrapper or chain holding one of them, inside or
-  outside ``jit`` (it only selects leaves: no computation, no host sync).
 
-  Args:
-    state: an optimizer state containing exactly one YellowFin.
+def yellowfin_tuner_from_options(**options: Any) -> optax.GradientTransformation:
+  """``yellowfin_tuner(gradient_statistics(...))`` from :func:`yellowfin`'s options.
 
-  Returns:
-    A dict of 0-d arrays, those of ``learning_rate``, ``momentum`` (the values
-    applied at the last step), ``lr_t``, ``mu_t`` (instantaneous tuner
-    output), ``lr``, ``mu`` (smoothed), ``h_min``, ``h_max``, ``grad_var``,
-    ``dist_to_opt``, ``step``, ``skipped_steps`` and, for the closed loop,
-    ``total_momentum``, ``target_momentum`` and ``algorithmic_momentum`` that
-    the state holds. In the closed loop ``momentum`` is the algorithmic
-    momentum actually applied.
+  Each option goes to the piece(s) that take it; unset ones keep the pieces'
+  defaults (the same as :func:`yellowfin`'s).
 
   Raises:
-    ValueError: if the state holds more than one YellowFin (e.g. under
-      ``optax.multi_transform``): call it on each group's state instead.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import yellowfin_optax as yf
-    >>> tx = yf.yellowfin()
-    >>> state = tx.init(jnp.zeros(3))
-    >>> _, state = tx.update(jnp.ones(3), state)
-    >>> print(f"{float(yf.hyperparams(state)['learning_rate']):.0e}")
-    1e-04
+    TypeError: for an option :func:`yellowfin` does not have.
   """
-  found: dict[str, jax.Array] = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    key = path[-1] if path else None
-    name = getattr(key, 'name', None)
-    if name in HYPERPARAM_NAMES and jnp.ndim(leaf) == 0:
-      if name in found:
-        raise ValueError(
-            f'The state holds more than one {name!r}: it contains several '
-            'YellowFin optimizers. Call hyperparams() on each one\'s state.'
-        )
-      found[name] = leaf
-  if 'algorithmic_momentum' in found:
-    found['momentum'] = found['algorithmic_momentum']
-  return found
+  unknown = set(options) - set(_STATISTICS_OPTIONS) - set(_TUNER_OPTIONS)
+  if unknown:
+    raise TypeError(f'Unknown YellowFin option(s): {sorted(unknown)}.')
+  pick = lambda names: {k: options[k] for k in names if k in options}
+  statistics = _statistics.gradient_statistics(**pick(_STATISTICS_OPTIONS))
+  return _tuner.yellowfin_tuner(statistics, **pick(_TUNER_OPTIONS))

@@ -1,0 +1,390 @@
+"""Closed-loop YellowFin: measure total momentum, correct by negative feedback.
+
+Asynchrony adds momentum. :func:`total_momentum` measures the momentum the
+running system actually has from the history of updates; :func:`closed_loop`
+lowers the algorithmic momentum until the measured total matches YellowFin's
+target; :func:`closed_loop_yellowfin` chains them with stale gradients.
+
+Memory, with staleness ``tau``: ``tau`` buffers of pending gradients
+(:func:`delayed_gradients`), ``tau + 1`` buffers of past updates
+(:func:`total_momentum`), plus YellowFin's two: ``2 tau + 3`` parameter-size
+buffers in all (3 without staleness).
+
+References:
+  Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
+  <https://arxiv.org/abs/1706.03471>`_, Section 4 (SysML 2018).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from yellowfin_optax import _alias
+from yellowfin_optax import _checks
+from yellowfin_optax import _delay
+from yellowfin_optax import _hyperparams
+from yellowfin_optax import _momentum
+from yellowfin_optax import _nonfinite
+
+# Range of the algorithmic momentum (the paper's Figure 3 goes below zero).
+MOMENTUM_RANGE = (-0.9, 0.999)
+# The median is searched in this range: estimates outside saturate at its ends.
+_MEDIAN_RANGE = (-2.0, 2.0)
+
+
+def masked_median(
+    values: Any,
+    mask: Any,
+    *,
+    low: float = _MEDIAN_RANGE[0],
+    high: float = _MEDIAN_RANGE[1],
+    thresholds: int = 15,
+    rounds: int = 5,
+) -> tuple[jax.Array, jax.Array]:
+  """Median of the masked entries of a pytree, by repeated multisection.
+
+  Each round counts, in one pass over the data, how many masked entries lie
+  below each of ``thresholds`` evenly spaced points of the current bracket, and
+  keeps the sub-interval holding the median. After ``rounds`` rounds the
+  bracket is ``(high - low) / (thresholds + 1) ** rounds`` wide (6e-6 with the
+  defaults); its midpoint is returned. It only needs global sums, so it is the
+  same computation on one device, under ``pmap`` (every replica holds the same
+  data) and on sharded arrays (XLA all-reduces the counts: ``rounds`` small
+  all-reduces), and costs ``rounds`` reads of the data; an exact median would
+  sort every coordinate.
+
+  Args:
+    values: pytree of arrays.
+    mask: pytree of booleans like ``values``: which entries count.
+    low: lower end of the search range (medians below saturate at ``low``).
+    high: upper end of the search range.
+    thresholds: points per round.
+    rounds: number of rounds.
+
+  Returns:
+    ``(median, count)``: the median estimate and the number of masked entries.
+  """
+  leaves = list(zip(jax.tree.leaves(values), jax.tree.leaves(mask)))
+  count = sum(jnp.sum(m, dtype=jnp.int32) for _, m in leaves)
+  fractions = jnp.arange(1, thresholds + 1, dtype=jnp.float32) / (thresholds + 1)
+
+  def below(points):
+    total = jnp.zeros(points.shape, jnp.int32)
+    for v, m in leaves:
+      hits = (v.reshape(-1, 1) <= points) & m.reshape(-1, 1)
+      total += jnp.sum(hits, axis=0, dtype=jnp.int32)
+    return total
+
+  def one_round(_, bracket):
+    lo, hi = bracket
+    points = lo + (hi - lo) * fractions
+    # Index of the first point with at least half the entries below it.
+    k = jnp.sum(2 * below(points) < count)
+    edges = jnp.concatenate([lo[None], points, hi[None]])
+    return edges[k], edges[k + 1]
+
+  bracket = (jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32))
+  lo, hi = jax.lax.fori_loop(0, rounds, one_round, bracket)
+  return (lo + hi) / 2, count
+
+
+class TotalMomentumState(NamedTuple):
+  """State of :func:`total_momentum`.
+
+  Attributes:
+    inner: state of the wrapped optimizer.
+    total_momentum: last measured total momentum (0 until measurable).
+    measured: int32, number of steps measured so far.
+    count: int32, number of steps taken (saturating).
+    past_updates: pytree like the params with a leading ``[staleness + 1]``
+      axis: ring of the last updates ``x_{s+1} - x_s``.
+    past_step_sizes: ``[staleness + 1]`` ring of the applied gradient step
+      sizes (learning rate times the gradient's clipping factor).
+  """
+
+  inner: Any
+  total_momentum: jax.Array
+  measured: jax.Array
+  count: jax.Array
+  past_updates: optax.Updates
+  past_step_sizes: jax.Array
+
+
+def total_momentum(
+    inner: optax.GradientTransformation,
+    *,
+    staleness: int = 0,
+    learning_rate: jax.typing.ArrayLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Measures the total momentum of the system ``inner`` runs in.
+
+  Models the run as :math:`x_{s+1} - x_s = \mu_T (x_s - x_{s-1}) -
+  \alpha_s \nabla f(x_s)` and estimates :math:`\mu_T` as the median over
+  coordinates of
+
+  .. math::
+    \hat\mu_T = \operatorname{median}_i
+      \frac{(x_{s+1} - x_s)_i + \alpha_s \nabla f(x_s)_i}{(x_s - x_{s-1})_i},
+
+  where :math:`s = t - \tau` is the iterate at which the gradient arriving now
+  was computed. Optax updates are :math:`x_{s+1} - x_s`, so a ring of the last
+  :math:`\tau + 1` updates and step sizes suffices. :math:`\alpha_s` is the
+  learning rate times the clipping factor applied to that step's gradient:
+  with no staleness and heavy-ball momentum the estimate is exactly
+  :math:`\mu \alpha_s / \alpha_{s-1}`. Coordinates whose denominator is zero
+  or non-finite are left out; with none left (or before :math:`\tau + 2`
+  steps) the previous estimate is kept. The median is
+  :func:`masked_median`'s.
+
+  Args:
+    inner: the optimizer to watch; receives the (stale) gradients unchanged.
+    staleness: the gradient delay :math:`\tau` of the system, >= 0.
+    learning_rate: the constant learning rate of ``inner``; ``None`` reads the
+      ``learning_rate`` (and ``grad_scale``, if any) fields of ``inner``'s
+      state after each step, as YellowFin's state has.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are
+    passed on to ``inner``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import yellowfin_optax as yf
+    >>> tx = yf.total_momentum(optax.sgd(0.1, momentum=0.5), learning_rate=0.1)
+    >>> x = jnp.linspace(1.0, 2.0, 5)
+    >>> state = tx.init(x)
+    >>> for _ in range(5):
+    ...   u, state = tx.update(x, state)  # gradient of |x|^2 / 2
+    ...   x = x + u
+    >>> print(f"{float(state.total_momentum):.3f}")
+    0.500
+  """
+  _checks.check_int('staleness', staleness, 0)
+  _checks.check_range('learning_rate', learning_rate, 0.0, low_open=True)
+  inner = optax.with_extra_args_support(inner)
+  size = staleness + 1
+
+  def init_fn(params):
+    return TotalMomentumState(
+        inner=inner.init(params),
+        total_momentum=jnp.zeros([], jnp.float32),
+        measured=jnp.zeros([], jnp.int32),
+        count=jnp.zeros([], jnp.int32),
+        past_updates=jax.tree.map(
+            lambda p: jnp.zeros((size,) + jnp.shape(p), jnp.asarray(p).dtype),
+            params,
+        ),
+        past_step_sizes=jnp.zeros([size], jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, inner_state = inner.update(
+        updates, state.inner, params, **extra_args
+    )
+    if learning_rate is None:
+      found = _hyperparams.find_scalars(inner_state, ('learning_rate', 'grad_scale'))
+      step_size = found['learning_rate'] * found.get('grad_scale', 1.0)
+    else:
+      step_size = jnp.asarray(learning_rate, jnp.float32)
+
+    t = state.count
+    slot = t % size  # holds x_{t-tau} - x_{t-tau-1}: read, then overwritten.
+    previous = jax.tree.map(lambda b: b[slot].astype(jnp.float32), state.past_updates)
+    if staleness == 0:
+      latest, latest_size = optax.tree.cast(new_updates, jnp.float32), step_size
+    else:
+      newer = (t - staleness) % size
+      latest = jax.tree.map(lambda b: b[newer].astype(jnp.float32), state.past_updates)
+      latest_size = state.past_step_sizes[newer]
+
+    def ratio_and_mask(u, u_prev, g):
+      num = u + latest_size * g.astype(jnp.float32)
+      ok = (jnp.abs(u_prev) > jnp.finfo(jnp.float32).tiny) & jnp.isfinite(num)
+      ok &= jnp.isfinite(u_prev)
+      return jnp.where(ok, num / jnp.where(ok, u_prev, 1.0), 0.0), ok
+
+    pairs = jax.tree.map(ratio_and_mask, latest, previous, updates)
+    is_pair = lambda x: isinstance(x, tuple)
+    ratios = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
+    mask = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+    median, count = masked_median(ratios, mask)
+    measurable = (t >= staleness + 1) & (count > 0)
+
+    return new_updates, TotalMomentumState(
+        inner=inner_state,
+        total_momentum=jnp.where(measurable, median, state.total_momentum),
+        measured=state.measured + measurable.astype(jnp.int32),
+        count=optax.safe_increment(t),
+        past_updates=jax.tree.map(
+            lambda b, u: b.at[slot].set(u.astype(b.dtype)),
+            state.past_updates, new_updates,
+        ),
+        past_step_sizes=state.past_step_sizes.at[slot].set(step_size),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ClosedLoopState(NamedTuple):
+  """State of :func:`closed_loop`.
+
+  Attributes:
+    inner: state of the wrapped (measuring) optimizer.
+    momentum_offset: the controller's correction :math:`\\delta`.
+    target_momentum: the tuner's momentum :math:`\\mu^*` at the last step.
+    algorithmic_momentum: :math:`\\mu^* + \\delta` applied at the last step,
+      clipped to ``momentum_range``.
+  """
+
+  inner: Any
+  momentum_offset: jax.Array
+  target_momentum: jax.Array
+  algorithmic_momentum: jax.Array
+
+
+def closed_loop(
+    inner: optax.GradientTransformation,
+    *,
+    gain: jax.typing.ArrayLike = 0.01,
+    momentum_range: tuple[float, float] = MOMENTUM_RANGE,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Negative feedback on momentum: match measured total momentum to target.
+
+  ``inner`` is a :func:`total_momentum` around :func:`tuned_momentum`: its
+  state holds the tuner's ``momentum`` (the target :math:`\mu^*`) and the
+  measured ``total_momentum`` :math:`\hat\mu_T`. Each step it is called with
+  ``momentum_offset=delta``, so the applied algorithmic momentum is
+  :math:`\mu = \mathrm{clip}(\mu^* + \delta)`, and then
+
+  .. math::
+    \delta \leftarrow \delta + \gamma (\mu^* - \hat\mu_T),
+
+  applied from the next step. This has the fixed point of the paper's
+  :math:`\mu \leftarrow \mu + \gamma(\mu^* - \hat\mu_T)` but follows changes of
+  :math:`\mu^*` at once; :math:`\delta` is clipped so that
+  :math:`\mu^* + \delta` stays in ``momentum_range`` (no wind-up), and it
+  moves only on steps where :math:`\hat\mu_T` was measured. ``gain=0`` is
+  open-loop YellowFin with the measurement on.
+
+  Args:
+    inner: the measuring optimizer (see above).
+    gain: :math:`\gamma \ge 0`.
+    momentum_range: bounds of the algorithmic momentum.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import yellowfin_optax as yf
+    >>> tx = yf.closed_loop_yellowfin(staleness=1)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> for t in range(4):
+    ...   _, state = tx.update(jnp.array([1.0, -1.0]) / (t + 1), state)
+    >>> sorted(k for k in yf.hyperparams(state) if 'momentum' in k)
+    ['algorithmic_momentum', 'momentum', 'target_momentum', 'total_momentum']
+  """
+  _checks.check_range('gain', gain, 0.0)
+  inner = optax.with_extra_args_support(inner)
+  low, high = momentum_range
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.float32)
+    return ClosedLoopState(
+        inner=inner.init(params), momentum_offset=zero,
+        target_momentum=zero, algorithmic_momentum=zero,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    delta = state.momentum_offset
+    new_updates, inner_state = inner.update(
+        updates, state.inner, params, momentum_offset=delta, **extra_args
+    )
+    found = _hyperparams.find_scalars(
+        inner_state, ('momentum', 'total_momentum', 'measured')
+    )
+    target = found['momentum']
+    measured_now = found['measured'] > optax.tree.get(state.inner, 'measured')
+    corrected = jnp.clip(
+        delta + gain * (target - found['total_momentum']),
+        low - target, high - target,
+    )
+    return new_updates, ClosedLoopState(
+        inner=inner_state,
+        momentum_offset=jnp.where(measured_now, corrected, delta),
+        target_momentum=target,
+        algorithmic_momentum=jnp.clip(target + delta, low, high),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def closed_loop_yellowfin(
+    staleness: int = 0,
+    gain: jax.typing.ArrayLike = 0.01,
+    *,
+    nesterov: bool = False,
+    on_nonfinite: str = 'skip',
+    **yellowfin_options: Any,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Closed-loop YellowFin on gradients that arrive ``staleness`` steps late.
+
+  The chain, outermost first: :func:`delayed_gradients` (simulated
+  asynchrony) -> :func:`skip_nonfinite` -> :func:`closed_loop` ->
+  :func:`total_momentum` -> :func:`tuned_momentum` -> :func:`yellowfin_tuner`
+  -> :func:`gradient_statistics`. The tuner, fed the stale gradients, gives
+  the target momentum; the loop lowers the algorithmic momentum until the
+  measured total momentum matches it.
+
+  Args:
+    staleness: gradient delay :math:`\tau` (``M`` round-robin workers:
+      ``M - 1``); 0 for a synchronous run (the loop then only measures
+      heavy-ball momentum itself).
+    gain: feedback gain :math:`\gamma`; 0 is open loop with measurement.
+    nesterov: use Nesterov momentum.
+    on_nonfinite: see :func:`skip_nonfinite`.
+    **yellowfin_options: any option of :func:`yellowfin` (``learning_rate``,
+      ``beta``, ``curvature_window``, ...).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; :func:`hyperparams` also
+    reports ``total_momentum``, ``target_momentum`` and
+    ``algorithmic_momentum``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import yellowfin_optax as yf
+    >>> loss = lambda x: jnp.sum(jnp.array([1.0, 10.0]) * x**2)
+    >>> tx = yf.closed_loop_yellowfin(staleness=3)
+    >>> params = jnp.array([1.0, 1.0])
+    >>> state = tx.init(params)
+    >>> for _ in range(100):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(bool(loss(params) < 12.0))
+    True
+
+  References:
+    Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
+    <https://arxiv.org/abs/1706.03471>`_, Section 4, 2018.
+  """
+  tuner = _alias.yellowfin_tuner_from_options(**yellowfin_options)
+  measured = total_momentum(
+      _momentum.tuned_momentum(
+          tuner, nesterov=nesterov, momentum_range=MOMENTUM_RANGE
+      ),
+      staleness=staleness,
+  )
+  return _delay.delayed_gradients(
+      staleness,
+      _nonfinite.skip_nonfinite(
+          closed_loop(measured, gain=gain), on_nonfinite=on_nonfinite
+      ),
+  )
