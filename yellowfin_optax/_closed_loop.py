@@ -318,7 +318,9 @@ def closed_loop(
         inner=inner_state,
         momentum_offset=jnp.where(measured_now, corrected, delta),
         target_momentum=target,
-        algorithmic_momentum=jnp.clip(target + delta, low, high),
+        algorithmic_momentum=_momentum.offset_momentum(
+            target, delta, momentum_range
+        ),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -13,6 +13,20 @@ import jax.numpy as jnp
 import optax
 
 
+def offset_momentum(
+    momentum: jax.Array,
+    offset: jax.Array,
+    momentum_range: tuple[float, float] | None,
+) -> jax.Array:
+  """``momentum + offset`` clipped to ``momentum_range``; exactly ``momentum``
+  while ``offset`` is zero, so a closed loop that never corrects (gain 0) is
+  exactly open loop."""
+  moved = momentum + offset
+  if momentum_range is not None:
+    moved = jnp.clip(moved, *momentum_range)
+  return jnp.where(offset == 0.0, momentum, moved)
+
+
 class TunedMomentumState(NamedTuple):
   """State of :func:`tuned_momentum`.
 
@@ -47,7 +61,7 @@ def tuned_momentum(
 
   ``update`` accepts a keyword ``momentum_offset`` (the closed loop's
   correction :math:`\delta`): then :math:`\mu + \delta` is applied, clipped to
-  ``momentum_range``.
+  ``momentum_range`` (and :math:`\mu` itself while :math:`\delta = 0`).
 
   Args:
     tuner: a transformation whose state has ``learning_rate`` and ``momentum``
@@ -84,9 +98,7 @@ def tuned_momentum(
     grads, tuner_state = tuner.update(updates, state.tuner, params)
     lr, mu = tuner_state.learning_rate, tuner_state.momentum
     if momentum_offset is not None:
-      mu = mu + momentum_offset
-      if momentum_range is not None:
-        mu = jnp.clip(mu, *momentum_range)
+      mu = offset_momentum(mu, momentum_offset, momentum_range)
     moving = mu != 0.0
     trace = jax.tree.map(
         lambda g, v: jnp.where(moving, (mu * v + g).astype(v.dtype), v),

@@ -32,7 +32,8 @@ def cubic_root(p: jax.Array) -> jax.Array:
   gives, with :math:`y = x - 1`, the depressed cubic :math:`y^3 + p y + p = 0`,
   :math:`p = D^2 h_{\min}^2 / (2C)`, solved by Vieta's substitution. We write
   :math:`\sqrt{p^2 + 4p^3/27}` as :math:`p\sqrt{1 + 4p/27}` (equal for
-  :math:`p \ge 0`) so that float32 does not overflow for large ``p``.
+  :math:`p \ge 0`) so that float32 does not overflow for large ``p``, and
+  polish the root with Newton's method on :math:`p x = (1 - x)^3`.
 
   Args:
     p: the cubic's coefficient, ``>= 0``.
@@ -43,8 +44,15 @@ def cubic_root(p: jax.Array) -> jax.Array:
   eps = 1e-6  # The reference's guard against w == 0.
   w3 = (-p * jnp.sqrt(1.0 + 4.0 / 27.0 * p) - p) / 2.0
   w = jnp.cbrt(w3)
-  y = w - p / 3.0 / (w + eps)
-  return y + 1.0
+  x = jnp.clip(w - p / 3.0 / (w + eps) + 1.0, 0.0, 1.0)
+  # y = w - p/(3w) cancels catastrophically in float32 once p > ~1e4 (the
+  # reference has float64). Two Newton steps on the equivalent p x = (1-x)^3
+  # (monotone on [0, 1]) restore full precision; from x = 0 the first step
+  # already gives 1/(p + 3).
+  for _ in range(2):
+    f = (1.0 - x) ** 3 - p * x
+    x = jnp.clip(x + f / (3.0 * (1.0 - x) ** 2 + p), 0.0, 1.0)
+  return x
 
 
 def robust_momentum(h_min: jax.Array, h_max: jax.Array, eps: float) -> jax.Array:

@@ -1,0 +1,90 @@
+"""The tuner's formulas from first principles (spec section 2, paper Lemma 2.1)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import yellowfin_optax as yf
+
+
+def spectral_radius(alpha, mu, h):
+  """Of the heavy-ball operator [[1 - alpha h + mu, -mu], [1, 0]]."""
+  op = np.array([[1.0 - alpha * h + mu, -mu], [1.0, 0.0]])
+  return np.max(np.abs(np.linalg.eigvals(op)))
+
+
+@pytest.mark.parametrize('mu', [0.01, 0.25, 0.5, 0.81, 0.99])
+def test_lemma_2_1_robust_region(mu):
+  """Inside (1-sqrt mu)^2 <= alpha h <= (1+sqrt mu)^2 the rate is sqrt(mu)."""
+  r = np.sqrt(mu)
+  for ah in np.linspace((1 - r) ** 2, (1 + r) ** 2, 41):
+    np.testing.assert_allclose(spectral_radius(ah, mu, 1.0), r, rtol=1e-6)
+  for ah in ((1 - r) ** 2 * 0.5, (1 + r) ** 2 * 1.1):
+    assert spectral_radius(ah, mu, 1.0) > r * (1 + 1e-6)
+
+
+def test_cubic_root_minimises_the_one_step_objective():
+  rng = np.random.default_rng(0)
+  grid = np.linspace(0.0, 1.0, 200001)
+  for _ in range(200):
+    c, d, h = 10.0 ** rng.uniform(-4, 4, size=3)
+    p = d**2 * h**2 / (2 * c)
+    x = float(yf.cubic_root(jnp.float32(p)))
+    objective = grid**2 * d**2 + (1 - grid) ** 4 * c / h**2
+    best = grid[np.argmin(objective)]
+    assert 0.0 <= x < 1.0
+    assert abs(x - best) < 2e-4 + 1e-3 * best, (c, d, h, x, best)
+
+
+def test_cubic_root_does_not_overflow_for_huge_p():
+  x = yf.cubic_root(jnp.float32([1e20, 1e30, 3e37]))
+  assert np.all(np.isfinite(x)) and np.all(x >= -1e-3) and np.all(x < 1e-3 + 1e-2)
+
+
+def test_robust_momentum_puts_every_curvature_in_the_robust_region():
+  rng = np.random.default_rng(1)
+  for _ in range(100):
+    h_min = 10.0 ** rng.uniform(-3, 3)
+    h_max = h_min * 10.0 ** rng.uniform(0.01, 4)
+    mu = float(yf.robust_momentum(jnp.float32(h_min), jnp.float32(h_max), 1e-6))
+    alpha = (1 - np.sqrt(mu)) ** 2 / h_min
+    for h in np.geomspace(h_min, h_max, 7):
+      assert (1 - np.sqrt(mu)) ** 2 * (1 - 1e-4) <= alpha * h
+      assert alpha * h <= (1 + np.sqrt(mu)) ** 2 * (1 + 1e-3)
+
+
+def test_tune_follows_the_spec_formulas():
+  h_min, h_max, c, d = 2.0, 50.0, 0.3, 0.7
+  for step in (1, 5, 500):
+    lr_t, mu_t = yf.tune(*map(jnp.float32, (h_min, h_max, c, d)),
+                         jnp.int32(step), curvature_window=20)
+    eps = 1e-6
+    p = (d + eps) ** 2 * (h_min + eps) ** 2 / 2 / (c + eps)
+    w3 = (-np.sqrt(p**2 + 4 / 27 * p**3) - p) / 2
+    w = np.sign(w3) * np.abs(w3) ** (1 / 3)
+    x = w - p / 3 / (w + eps) + 1
+    dr = max((h_max + eps) / (h_min + eps), 1 + eps)
+    mu = max(x**2, ((np.sqrt(dr) - 1) / (np.sqrt(dr) + 1)) ** 2)
+    lr = (1 - np.sqrt(mu)) ** 2 / (h_min + eps)
+    lr = min(lr, lr * (step + 1) / 200)
+    np.testing.assert_allclose(mu_t, mu, rtol=1e-5)
+    np.testing.assert_allclose(lr_t, lr, rtol=1e-5)
+
+
+def test_noisy_quadratic_converges_untuned():
+  h = jnp.array([1.0, 3.0, 10.0, 30.0])
+  tx = yf.yellowfin()
+
+  def step(carry, key):
+    x, state = carry
+    g = h * x + 0.01 * jax.random.normal(key, x.shape)
+    u, state = tx.update(g, state, x)
+    return (x + u, state), 0.5 * jnp.sum(h * x**2)
+
+  x0 = jnp.ones(4)
+  keys = jax.random.split(jax.random.PRNGKey(0), 1500)
+  _, losses = jax.jit(lambda: jax.lax.scan(step, (x0, tx.init(x0)), keys))()
+  assert losses[-100:].mean() < 1e-3 * losses[0]
+  assert np.all(np.isfinite(losses))
