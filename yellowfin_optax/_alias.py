@@ -130,18 +130,41 @@ def yellowfin(
       lr_factor=lr_factor,
       smoothed_hyperparams=smoothed_hyperparams,
       eps=eps,
-      axis_name=axis_name,
   )
-  return _nonfinite.skip_nonfinite(
-      _momentum.tuned_momentum(tuner, nesterov=nesterov),
-      on_nonfinite=on_nonfinite,
+  return cross_replica_mean(
+      _nonfinite.skip_nonfinite(
+          _momentum.tuned_momentum(tuner, nesterov=nesterov),
+          on_nonfinite=on_nonfinite,
+      ),
+      axis_name,
   )
+
+
+def cross_replica_mean(
+    inner: optax.GradientTransformation, axis_name: str | None
+) -> optax.GradientTransformationExtraArgs:
+  """Feeds ``inner`` the gradient averaged over the ``axis_name`` replicas.
+
+  Every statistic YellowFin measures is global, so under ``pmap`` or
+  ``shard_map`` data parallelism it must see the all-reduced gradient, and so
+  must the non-finite check, the delay ring and the total-momentum
+  measurement: the mean comes first. ``axis_name=None`` returns ``inner``.
+  """
+  inner = optax.with_extra_args_support(inner)
+  if axis_name is None:
+    return inner
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates = jax.lax.pmean(updates, axis_name)
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 _STATISTICS_OPTIONS = (
     'beta', 'curvature_window', 'zero_debias', 'sparsity_debias',
     'h_min_log_smooth', 'h_max_log_smooth', 'adaptive_clipping',
-    'stat_protect_factor', 'clip_norm', 'eps', 'axis_name',
+    'stat_protect_factor', 'clip_norm', 'eps',
 )
 _TUNER_OPTIONS = (
     'learning_rate', 'momentum', 'beta', 'curvature_window', 'lr_factor',

@@ -67,6 +67,17 @@ def masked_median(
 
   Returns:
     ``(median, count)``: the median estimate and the number of masked entries.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import yellowfin_optax as yf
+    >>> values = {'a': jnp.array([0.1, 0.9, 0.5]),
+    ...           'b': jnp.array([0.3, 0.7, 5.0])}
+    >>> mask = {'a': jnp.array([True, True, True]),
+    ...         'b': jnp.array([True, True, False])}
+    >>> median, count = yf.masked_median(values, mask)
+    >>> print(f"{float(median):.3f} {int(count)}")
+    0.500 5
   """
   leaves = list(zip(jax.tree.leaves(values), jax.tree.leaves(mask)))
   count = sum(jnp.sum(m, dtype=jnp.int32) for _, m in leaves)
@@ -75,8 +86,10 @@ def masked_median(
   def below(points):
     total = jnp.zeros(points.shape, jnp.int32)
     for v, m in leaves:
-      hits = (v.reshape(-1, 1) <= points) & m.reshape(-1, 1)
-      total += jnp.sum(hits, axis=0, dtype=jnp.int32)
+      # No reshape: flattening a sharded array is ambiguous under sharding
+      # in types (Explicit meshes); summing over its own axes is not.
+      hits = (v[..., None] <= points) & m[..., None]
+      total += jnp.sum(hits, axis=tuple(range(v.ndim)), dtype=jnp.int32)
     return total
 
   def one_round(_, bracket):
@@ -176,7 +189,7 @@ def total_momentum(
         measured=jnp.zeros([], jnp.int32),
         count=jnp.zeros([], jnp.int32),
         past_updates=jax.tree.map(
-            lambda p: jnp.zeros((size,) + jnp.shape(p), jnp.asarray(p).dtype),
+            lambda p: jnp.broadcast_to(jnp.zeros_like(p)[None], (size,) + jnp.shape(p)),
             params,
         ),
         past_step_sizes=jnp.zeros([size], jnp.float32),
@@ -336,7 +349,8 @@ def closed_loop_yellowfin(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Closed-loop YellowFin on gradients that arrive ``staleness`` steps late.
 
-  The chain, outermost first: :func:`delayed_gradients` (simulated
+  The chain, outermost first: the mean over ``axis_name`` (if given),
+  :func:`delayed_gradients` (simulated
   asynchrony) -> :func:`skip_nonfinite` -> :func:`closed_loop` ->
   :func:`total_momentum` -> :func:`tuned_momentum` -> :func:`yellowfin_tuner`
   -> :func:`gradient_statistics`. The tuner, fed the stale gradients, gives
@@ -377,6 +391,9 @@ def closed_loop_yellowfin(
     Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
     <https://arxiv.org/abs/1706.03471>`_, Section 4, 2018.
   """
+  # Averaged over the pmap/shard_map axis before anything sees the gradient:
+  # the delay ring, the measurement and the non-finite check too.
+  axis_name = yellowfin_options.pop('axis_name', None)
   tuner = _alias.yellowfin_tuner_from_options(**yellowfin_options)
   measured = total_momentum(
       _momentum.tuned_momentum(
@@ -384,9 +401,12 @@ def closed_loop_yellowfin(
       ),
       staleness=staleness,
   )
-  return _delay.delayed_gradients(
-      staleness,
-      _nonfinite.skip_nonfinite(
-          closed_loop(measured, gain=gain), on_nonfinite=on_nonfinite
+  return _alias.cross_replica_mean(
+      _delay.delayed_gradients(
+          staleness,
+          _nonfinite.skip_nonfinite(
+              closed_loop(measured, gain=gain), on_nonfinite=on_nonfinite
+          ),
       ),
+      axis_name,
   )

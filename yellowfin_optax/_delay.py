@@ -78,7 +78,11 @@ def delayed_gradients(
 
   def init_fn(params):
     pending = jax.tree.map(
-        lambda p: jnp.zeros((staleness,) + jnp.shape(p), jnp.asarray(p).dtype),
+        # Broadcast from zeros_like so that the ring inherits the params'
+        # sharding (sharding in types; eager init on sharded params).
+        lambda p: jnp.broadcast_to(
+            jnp.zeros_like(p)[None], (staleness,) + jnp.shape(p)
+        ),
         params,
     )
     return DelayedGradientsState(
@@ -99,7 +103,11 @@ def delayed_gradients(
 
     def wait(_):
       shapes = jax.eval_shape(apply, None)[0]
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      # zeros_like(stale) carries the gradients' sharding, as cond's branches
+      # must agree on it.
+      zeros = jax.tree.map(
+          lambda s, g: jnp.zeros_like(g, dtype=s.dtype), shapes, stale
+      )
       return zeros, state.inner
 
     new_updates, inner_state = jax.lax.cond(

@@ -25,6 +25,9 @@ def find_scalars(state: Any, names: tuple[str, ...]) -> dict[str, jax.Array]:
   """
   found: dict[str, jax.Array] = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    # Flax NNX wraps each state leaf in a Variable: its path ends in `.value`.
+    while path and getattr(path[-1], 'name', None) in ('value', 'raw_value'):
+      path = path[:-1]
     name = getattr(path[-1], 'name', None) if path else None
     if name in names and jnp.ndim(leaf) == 0:
       if name in found:

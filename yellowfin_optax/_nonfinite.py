@@ -1,6 +1,13 @@
 """Skip steps with non-finite gradients or tuner output, leaving state intact.
 
-Memory: one int32 counter besides the wrapped state.
+YellowFin tunes itself from running statistics of the gradients, so one NaN,
+one infinity, or one overflow inside the tuner would otherwise poison every
+later step. The PyTorch reference recovers by restoring a deep copy of the
+model; a functional optimizer instead keeps its state bit-identical on a bad
+step and emits a zero update.
+
+Memory: one int32 counter besides the wrapped state. Cost per step: one
+``isfinite`` reduction over the gradients and one over the new updates.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 NONFINITE_MODES = ('skip', 'raise_in_debug', 'propagate')
@@ -19,18 +27,47 @@ class SkipNonFiniteState(NamedTuple):
 
   Attributes:
     inner: state of the wrapped transformation.
-    skipped_steps: int32, number of steps skipped so far.
+    skipped_steps: int32 0-d array, number of steps skipped so far
+      (saturating).
   """
 
   inner: Any
   skipped_steps: jax.Array
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point entry of ``tree`` is finite.
+
+  Integer, boolean and empty leaves count as finite, so a tree without float
+  entries is finite.
+
+  Args:
+    tree: a pytree of arrays.
+
+  Returns:
+    A boolean 0-d array.
+  """
+  leaves = [
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
   if not leaves:
     return jnp.array(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  return jnp.all(jnp.stack(leaves))
+
+
+def _check_structure(updates: Any, params: Any) -> None:
+  """Raises a ``ValueError`` if ``params`` is given and shaped unlike ``updates``."""
+  if params is None:
+    return
+  updates_def = jax.tree.structure(updates)
+  params_def = jax.tree.structure(params)
+  if updates_def != params_def:
+    raise ValueError(
+        'The gradient and parameter pytrees differ in structure: '
+        f'gradients {updates_def}, parameters {params_def}.'
+    )
 
 
 def skip_nonfinite(
@@ -38,25 +75,38 @@ def skip_nonfinite(
     *,
     on_nonfinite: str = 'skip',
 ) -> optax.GradientTransformationExtraArgs:
-  """Applies ``inner`` only where its inputs and tuned scalars are finite.
+  """Applies ``inner`` only on steps whose gradients and outputs are finite.
 
-  A step is *bad* when any gradient entry is NaN or infinite, or when any
-  scalar (0-d) field of ``inner``'s new state is (a tuner output driven
-  non-finite by extreme but finite gradients). A bad step emits a zero update
-  and keeps ``inner``'s state bit-identical; ``skipped_steps`` counts them.
-  Unlike ``optax.apply_if_finite`` this also checks the tuner's output and
-  never gives up after a run of bad steps: YellowFin's statistics must never
-  see a non-finite value.
+  A step is *bad* when any gradient entry is NaN or infinite, when any scalar
+  (0-d) field of ``inner``'s new state is (a tuner output driven non-finite by
+  extreme but finite gradients, e.g. by a float32 overflow), or when any entry
+  of ``inner``'s update is (e.g. a float16 momentum trace that overflowed). A
+  bad step emits a zero update and keeps ``inner``'s state bit-identical;
+  ``skipped_steps`` counts bad steps. Unlike ``optax.apply_if_finite`` this
+  also checks the tuner's output and never gives up after a run of bad steps:
+  YellowFin's statistics must never see a non-finite value. The two compose:
+  ``optax.apply_if_finite(yellowfin(), max_consecutive_errors=k)`` adds
+  ``apply_if_finite``'s give-up rule on top.
 
   Args:
     inner: the transformation to protect.
-    on_nonfinite: ``'skip'`` (the default), ``'raise_in_debug'`` (skip, and
-      also raise through ``jax.debug`` checks when ``jax_debug_nans`` is on, to
-      find the bad step), or ``'propagate'`` (return ``inner`` unwrapped: no
-      check, no cost).
+    on_nonfinite: ``'skip'`` (the default); ``'raise_in_debug'``: skip, and
+      also raise ``FloatingPointError`` on a bad step while jax's
+      ``jax_debug_nans`` or ``jax_debug_infs`` flag is on, to find the step
+      (under ``jit`` it surfaces as a ``JaxRuntimeError`` carrying that
+      message). The flags are read when the step runs, not when it is traced
+      (``jit`` does not retrace when they change), so this mode costs one
+      host callback per step even with them off: use it for debugging, not
+      production. ``'propagate'``: return ``inner`` unwrapped, with no check
+      and no cost (its state then has no ``skipped_steps``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    ValueError: at construction, for an unknown ``on_nonfinite``; at update,
+      if ``params`` is given and its pytree structure differs from the
+      gradients'.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -81,11 +131,12 @@ def skip_nonfinite(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    _check_structure(updates, params)
     new_updates, new_inner = inner.update(
         updates, state.inner, params, **extra_args
     )
     scalars = [x for x in jax.tree.leaves(new_inner) if jnp.ndim(x) == 0]
-    ok = _all_finite(updates) & _all_finite(scalars)
+    ok = all_finite(updates) & all_finite(scalars) & all_finite(new_updates)
     if on_nonfinite == 'raise_in_debug':
       jax.debug.callback(_raise_if_bad, ok)
     new_updates = jax.tree.map(
@@ -101,5 +152,9 @@ def skip_nonfinite(
 
 
 def _raise_if_bad(ok) -> None:
-  if jax.config.jax_debug_nans and not ok:
-    raise FloatingPointError('yellowfin_optax: non-finite gradient or tuner output')
+  debugging = jax.config.jax_debug_nans or jax.config.jax_debug_infs
+  if debugging and not np.all(ok):  # np.all: ok is batched under vmap
+    raise FloatingPointError(
+        'yellowfin_optax: non-finite gradient or tuner output; the step was '
+        'skipped (on_nonfinite="raise_in_debug" with jax_debug_nans/infs on).'
+    )

@@ -105,7 +105,6 @@ def gradient_statistics(
     stat_protect_factor: jax.typing.ArrayLike = 100.0,
     clip_norm: jax.typing.ArrayLike | None = None,
     eps: float = 1e-6,
-    axis_name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""Measures the statistics YellowFin tunes from, and clips adaptively.
 
@@ -143,9 +142,6 @@ def gradient_statistics(
     clip_norm: fixed global-norm clip applied before everything; ``None`` for
       none.
     eps: numerical floor used throughout (the reference's ``1e-6``).
-    axis_name: if set, gradients are averaged over this ``pmap``/``shard_map``
-      axis before anything is measured, so every replica measures the same
-      global statistics.
 
   Returns:
     An ``optax.GradientTransformation`` emitting the clipped gradient.
@@ -168,7 +164,7 @@ def gradient_statistics(
   _checks.check_int('curvature_window', curvature_window, 1)
   _checks.check_range('stat_protect_factor', stat_protect_factor, 0.0)
   _checks.check_range('clip_norm', clip_norm, 0.0, low_open=True)
-  _checks.check_range('eps', eps, 0.0)
+  _checks.check_range('eps', eps, 0.0, 1.0, high_open=True)
 
   def init_fn(params: optax.Params) -> GradientStatisticsState:
     zero = jnp.zeros([], jnp.float32)
@@ -193,8 +189,12 @@ def gradient_statistics(
 
   def update_fn(updates, state, params=None):
     del params
-    if axis_name is not None:
-      updates = jax.lax.pmean(updates, axis_name)
+    if jax.tree.structure(updates) != jax.tree.structure(state.grad_ema):
+      raise ValueError(
+          'The gradient pytree does not match the optimizer state: gradients '
+          f'{jax.tree.structure(updates)}, state (from init) '
+          f'{jax.tree.structure(state.grad_ema)}.'
+      )
     b, one_minus_b, log_b = ema_constants(beta)
     t = state.step
     g32 = optax.tree.cast(updates, jnp.float32)

@@ -40,6 +40,14 @@ def cubic_root(p: jax.Array) -> jax.Array:
 
   Returns:
     ``x`` in ``[0, 1)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import yellowfin_optax as yf
+    >>> p = jnp.array(2.0)
+    >>> x = yf.cubic_root(p)
+    >>> print(f"x = {float(x):.4f}, residual {float((1 - x)**3 - p * x):.0e}")
+    x = 0.2291, residual ...
   """
   eps = 1e-6  # The reference's guard against w == 0.
   w3 = (-p * jnp.sqrt(1.0 + 4.0 / 27.0 * p) - p) / 2.0
@@ -63,6 +71,22 @@ def robust_momentum(h_min: jax.Array, h_max: jax.Array, eps: float) -> jax.Array
   :math:`\sqrt\kappa - 1` is computed as :math:`(\kappa - 1)/(\sqrt\kappa + 1)`,
   with :math:`\kappa - 1 = (h_{\max} - h_{\min})/(h_{\min}+\epsilon)`, which
   avoids the float32 cancellation when the range is narrow.
+
+  Args:
+    h_min: curvature lower estimate.
+    h_max: curvature upper estimate.
+    eps: numerical floor.
+
+  Returns:
+    The lower bound on the momentum.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import yellowfin_optax as yf
+    >>> # Condition number 100: ((sqrt(100) - 1) / (sqrt(100) + 1))**2.
+    >>> mu = yf.robust_momentum(jnp.array(1.0), jnp.array(100.0), 1e-6)
+    >>> print(f"{float(mu):.4f} {(9 / 11) ** 2:.4f}")
+    0.6694 0.6694
   """
   kappa_minus_1 = jnp.maximum((h_max - h_min) / (h_min + eps), eps)
   sqrt_kappa = jnp.sqrt(1.0 + kappa_minus_1)
@@ -97,8 +121,20 @@ def tune(
 
   Returns:
     ``(lr_t, mu_t)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import yellowfin_optax as yf
+    >>> lr, mu = yf.tune(h_min=jnp.array(1.0), h_max=jnp.array(100.0),
+    ...                  grad_var=jnp.array(1e-3), dist_to_opt=jnp.array(1.0),
+    ...                  step=jnp.array(1000), curvature_window=20)
+    >>> print(f"lr {float(lr):.4f}, momentum {float(mu):.4f}")
+    lr 0.0331, momentum 0.6694
   """
-  p = (dist_to_opt + eps) ** 2 * (h_min + eps) ** 2 / 2.0 / (grad_var + eps)
+  # p = (D h_min)^2 / 2C, squared last: (h_min + eps)**2 alone overflows
+  # float32 once gradient norms pass ~1e9.
+  q = (dist_to_opt + eps) * (h_min + eps) / jnp.sqrt(2.0 * (grad_var + eps))
+  p = q * q
   mu_t = jnp.maximum(cubic_root(p) ** 2, robust_momentum(h_min, h_max, eps))
   lr_t = (1.0 - jnp.sqrt(mu_t)) ** 2 / (h_min + eps)
   slow_start = (step.astype(jnp.float32) + 1.0) / (10.0 * curvature_window)

@@ -1,0 +1,106 @@
+"""Smoke and behaviour tests of benchmarks/async_closed_loop.py (tiny sizes)."""
+
+import json
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import yellowfin_optax as yf
+from benchmarks import async_closed_loop as bench
+
+
+def test_smooth_and_speedup_protocol():
+  loss = np.array([4.0, 2.0, 1.0, 1.0, np.nan, 0.0])
+  sm = bench.smooth(loss, 2)
+  np.testing.assert_allclose(sm[:3], [3.0, 1.5, 1.0])
+  assert np.all(np.isinf(sm[3:]))  # a NaN poisons every later window
+  # Both reach 1.0 (B's best is lower): A after 3 steps, B after 7.
+  a = np.array([3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+  b = np.array([3.0, 3.0, 3.0, 3.0, 3.0, 1.0, 1.0, 0.5])
+  assert bench.iterations_to(bench.smooth(a, 2), 1.0, 2) == 3.0
+  assert bench.speedup(a, b, 2) == pytest.approx(7.0 / 3.0)
+  assert bench.speedup(a, a, 2) == 1.0
+  assert np.isnan(bench.speedup(a, np.full(8, np.nan), 2))
+
+
+def test_gain_zero_is_open_loop_yellowfin():
+  """The benchmark's open loop applies exactly delayed_gradients(yellowfin())."""
+  problem = bench.noisy_quadratic(dim=3, noise=0.01)
+  logs, _ = bench.make_runner(problem, 'yf', 4, 40)(0.0, 0)
+
+  tx = yf.delayed_gradients(4, yf.yellowfin())
+  x = problem.init(None)
+  state = tx.init(x)
+  keys = jax.random.split(jax.random.split(jax.random.key(0))[1], 40)
+  losses = []
+  for key in keys:
+    loss, g = problem.grad(x, problem.sample(key))
+    losses.append(float(loss))
+    u, state = tx.update(g, state, x)
+    x = optax.apply_updates(x, u)
+  np.testing.assert_allclose(logs['loss'], losses, rtol=1e-4)
+  # Open loop: the applied momentum is the target, every step.
+  np.testing.assert_array_equal(logs['algorithmic_momentum'],
+                                logs['target_momentum'])
+
+
+class _Fixed(NamedTuple):
+  learning_rate: jax.Array
+  momentum: jax.Array
+
+
+def test_least_squares_estimator_is_exact_for_heavy_ball():
+  """Heavy ball, constant lr, no staleness: the fitted total momentum is mu."""
+  lr, mu = 0.05, 0.7
+  fixed = optax.GradientTransformation(
+      lambda p: _Fixed(jnp.float32(lr), jnp.float32(mu)),
+      lambda g, s, p=None: (g, s))
+  tx = bench.total_momentum_least_squares(yf.tuned_momentum(fixed))
+  x = jnp.linspace(1.0, 3.0, 7)
+  state = tx.init(x)
+  for _ in range(6):
+    u, state = tx.update(x * jnp.arange(1.0, 8.0), state, x)
+    x = x + u
+  assert float(state.total_momentum) == pytest.approx(mu, abs=1e-4)
+  assert int(state.measured) == 5
+
+
+def test_quick_pipeline_writes_outputs_and_closed_loop_stabilises(tmp_path):
+  """n=1 noisy quadratic, staleness 7: open loop oscillates, closed loop not.
+
+  Also exercises the script's path (runs, tables, JSON, figure); the Adam
+  grid and the other methods are left to the full run to keep this fast.
+  """
+  payload = bench.main([
+      '--problems', 'quadratic', '--quad-steps', '500', '--seeds', '1',
+      '--staleness', '7', '--sweep-dims', '', '--out', str(tmp_path),
+      '--methods', 'yf_open,yf_closed',
+  ])
+  (r,) = payload['results']
+  s = r['summary']
+  assert set(s) == {'yf_open', 'yf_closed'}
+  # Open loop: measured total momentum above the target (asynchrony adds
+  # momentum); closed loop pushes the algorithmic momentum below the target.
+  assert (s['yf_open']['total_momentum_last10pct'][0] >
+          s['yf_open']['target_momentum_last10pct'][0])
+  assert (s['yf_closed']['algorithmic_momentum_last10pct'][0] <
+          s['yf_closed']['target_momentum_last10pct'][0])
+  assert (s['yf_closed']['final_smoothed_loss'][0] <
+          1e-3 * s['yf_open']['final_smoothed_loss'][0])
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert len(saved['results'][0]['runs']['yf_closed'][0]['loss']) == 500
+  assert (tmp_path / 'momentum.png').stat().st_size > 10_000
+  assert '| closed-loop YF |' in (tmp_path / 'results.md').read_text()
+
+
+@pytest.mark.slow
+def test_mnist1d_cnn_runs():
+  problem = bench.mnist1d_cnn(batch_size=16)
+  logs, metrics = bench.make_runner(problem, 'yf', 0, 200)(0.0, 0)
+  assert np.all(np.isfinite(logs['loss']))
+  assert logs['loss'][-50:].mean() < logs['loss'][:20].mean()
+  assert 0.0 <= metrics['test_accuracy'] <= 1.0

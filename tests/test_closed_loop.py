@@ -1,0 +1,118 @@
+"""Delayed gradients, the total-momentum estimator and the closed loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import yellowfin_optax as yf
+
+
+@pytest.mark.parametrize('staleness', [0, 1, 3])
+def test_delay_is_exact(staleness):
+  tx = yf.delayed_gradients(staleness)
+  state = tx.init({'a': jnp.zeros(2)})
+  step = jax.jit(tx.update)
+  for t in range(8):
+    out, state = step({'a': jnp.full(2, t + 1.0)}, state)
+    want = 0.0 if t < staleness else t + 1.0 - staleness
+    np.testing.assert_array_equal(out['a'], want)
+
+
+def test_inner_is_not_fed_while_the_buffer_fills():
+  tx = yf.delayed_gradients(3, yf.yellowfin())
+  state = tx.init(jnp.zeros(4))
+  for t in range(5):
+    _, state = tx.update(jnp.full(4, t + 1.0), state)
+    assert int(yf.hyperparams(state)['step']) == max(0, t + 1 - 3)
+  # the first gradient the tuner saw is the first one received
+  stats = state.inner.inner.tuner.statistics
+  np.testing.assert_allclose(stats.sq_norm_window[:2], [4.0, 16.0], rtol=1e-6)
+
+
+def test_masked_median_matches_numpy():
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    a, b = rng.normal(0.3, 0.5, size=(37, 5)), rng.normal(0.3, 0.5, size=101)
+    ma, mb = rng.random(a.shape) < 0.7, rng.random(b.shape) < 0.7
+    med, count = yf.masked_median({'a': jnp.asarray(a), 'b': jnp.asarray(b)},
+                                  {'a': jnp.asarray(ma), 'b': jnp.asarray(mb)})
+    values = np.sort(np.concatenate([a[ma], b[mb]]))
+    assert int(count) == values.size
+    # Between the lower and upper middle order statistics (resolution 1e-5).
+    n = values.size
+    assert values[(n - 1) // 2] - 1e-5 <= float(med) <= values[n // 2] + 1e-5
+
+
+def test_masked_median_saturates_and_handles_empty():
+  med, _ = yf.masked_median(jnp.full(5, 7.0), jnp.ones(5, bool))
+  assert float(med) == pytest.approx(2.0, abs=1e-4)
+  _, count = yf.masked_median(jnp.ones(5), jnp.zeros(5, bool))
+  assert int(count) == 0
+
+
+def quadratic_run(tx, steps, n=8, noise=0.0, measure_lr=None):
+  """Runs ``tx`` on 0.5 sum h x^2; returns per-step hyperparams, losses."""
+  h = jnp.exp(jax.random.uniform(jax.random.PRNGKey(0), (n,), maxval=np.log(10.0)))
+  x0 = 3.0 * jnp.ones(n)
+
+  def step(carry, key):
+    x, state = carry
+    g = h * x + noise * jax.random.normal(key, (n,))
+    u, state = tx.update(g, state, x)
+    hp = yf.hyperparams(state)
+    if 'total_momentum' not in hp:
+      hp['total_momentum'] = optax.tree.get(state, 'total_momentum')
+    return (x + u, state), (hp, 0.5 * jnp.sum(h * x**2))
+
+  keys = jax.random.split(jax.random.PRNGKey(1), steps)
+  _, (hp, losses) = jax.jit(lambda: jax.lax.scan(step, (x0, tx.init(x0)), keys))()
+  return jax.tree.map(np.asarray, hp), np.asarray(losses)
+
+
+@pytest.mark.parametrize('mu', [0.3, 0.6, 0.9])
+def test_estimator_recovers_known_momentum(mu):
+  tx = yf.total_momentum(optax.sgd(0.02, momentum=mu), learning_rate=0.02)
+  hp, losses = quadratic_run(tx, 200)
+  assert abs(hp['total_momentum'][-1] - mu) < 0.02
+  assert abs(np.median(hp['total_momentum'][5:]) - mu) < 0.02
+
+
+def test_synchronous_measurement_matches_yellowfin_momentum():
+  """No staleness: heavy ball's total momentum is mu lr_s / lr_{s-1}."""
+  hp, _ = quadratic_run(yf.closed_loop_yellowfin(gain=0.0), 600, noise=0.01)
+  lr = hp['learning_rate']
+  algorithmic = hp['momentum'][300:] * lr[300:] / lr[299:-1]
+  np.testing.assert_allclose(hp['total_momentum'][300:], algorithmic, atol=1e-3)
+
+
+def test_gain_zero_is_open_loop():
+  open_loop = yf.delayed_gradients(2, yf.yellowfin())
+  measured = yf.closed_loop_yellowfin(staleness=2, gain=0.0)
+  a, la = quadratic_run(open_loop, 300, noise=0.01)
+  b, lb = quadratic_run(measured, 300, noise=0.01)
+  np.testing.assert_array_equal(la, lb)
+  np.testing.assert_array_equal(a['momentum'], b['momentum'])
+
+
+def test_closed_loop_matches_target_under_delay():
+  """Staleness 15: open loop's total momentum exceeds the target; closed
+  loop brings its running average within 0.05 of the target."""
+  open_hp, _ = quadratic_run(yf.closed_loop_yellowfin(staleness=15, gain=0.0), 2000)
+  closed_hp, _ = quadratic_run(yf.closed_loop_yellowfin(staleness=15), 2000)
+  late = slice(1000, None)
+  assert open_hp['total_momentum'][late].mean() > open_hp['target_momentum'][late].mean()
+  gap = closed_hp['total_momentum'][late].mean() - closed_hp['target_momentum'][late].mean()
+  assert abs(gap) < 0.05
+  # and it did so by lowering the algorithmic momentum below the target
+  assert closed_hp['algorithmic_momentum'][late].mean() < closed_hp['target_momentum'][late].mean()
+
+
+def test_closed_loop_stabilises_a_delayed_run():
+  """n = 1, staleness 15: open loop is unstable, closed loop converges."""
+  _, open_loss = quadratic_run(yf.closed_loop_yellowfin(staleness=15, gain=0.0),
+                               2000, n=1, noise=0.01)
+  _, closed_loss = quadratic_run(yf.closed_loop_yellowfin(staleness=15),
+                                 2000, n=1, noise=0.01)
+  assert closed_loss[-200:].mean() < 1e-3 * open_loss[-200:].mean()
