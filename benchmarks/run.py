@@ -45,7 +45,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 # Grid points added per side while the best learning rate is at an edge.
-MAX_GRID_EXTENSIONS = 2
+MAX_GRID_EXTENSIONS = 3
 
 # (A, B): the speedup of A over B is reported.
 BASE_COMPARISONS = (('yellowfin', 'adam'), ('yellowfin', 'momentum_sgd'),
@@ -234,8 +234,13 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
   tasks = results['tasks']
   n = len(tasks)
   paths = []
-  fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
-  for ax, (name, r) in zip(axes[0], tasks.items()):
+  ncols = min(n, 3)
+  nrows = -(-n // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows),
+                           squeeze=False)
+  for ax in axes.flat[n:]:
+    ax.axis('off')
+  for ax, (name, r) in zip(axes.flat, tasks.items()):
     for o, e in r['optimizers'].items():
       curves = np.array([_analysis.smooth(np.array(l), r['smoothing_window'])
                          for l in e['loss']])
@@ -251,7 +256,7 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
     ax.set_title(name)
     ax.set_xlabel('iteration')
     ax.set_ylabel('smoothed training loss (median over seeds)')
-  axes[0][-1].legend(fontsize=7, loc='upper right', framealpha=0.6)
+  axes.flat[n - 1].legend(fontsize=7, loc='upper right', framealpha=0.6)
   fig.tight_layout()
   paths.append(out / 'loss_curves.png')
   fig.savefig(paths[-1], dpi=110)

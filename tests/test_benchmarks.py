@@ -86,23 +86,27 @@ def test_smoke_profile_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize('best_lr, expect_added', [
-    (3.0, [0.1, 0.316]),      # optimum far above the grid: two extensions up
-    (1e-3, []),               # optimum inside: no extension
-    (1e-5, [3.16e-05, 1e-4]),  # below: two extensions down
+    (0.05, [0.1]),      # just above the grid: one extension, then inside
+    (1e-3, []),         # optimum inside: no extension
+    (2e-4, [1e-4]),     # just below: one extension down
+    (100.0, None),      # far above: stops after MAX_GRID_EXTENSIONS
 ])
 def test_grid_search_extends_at_an_edge(best_lr, expect_added):
   calls = []
 
   def fake_runner(lr, seed):
     calls.append(float(lr))
-    # Loss curve whose level is lowest at best_lr (in log distance).
+    # A loss curve whose level is lowest at best_lr (in log distance).
     level = 1.0 + abs(np.log10(float(lr)) - np.log10(best_lr))
     return {'loss': np.full(20, level)}, {}
 
   grid0 = _optimizers.log_grid(-3.5, -1.5, 5)
   grid, runs = bench_run._grid_search(fake_runner, grid0, 5, None)
-  added = [g for g in grid if g not in grid0]
-  np.testing.assert_allclose(sorted(added), expect_added, rtol=0.01)
+  added = sorted(g for g in grid if g not in grid0)
+  if expect_added is None:
+    assert len(added) == bench_run.MAX_GRID_EXTENSIONS
+    assert min(added) > max(grid0)
+  else:
+    np.testing.assert_allclose(added, expect_added, rtol=0.01)
   assert len(runs) == len(grid) == len(calls)
   assert grid == sorted(grid)
-  assert len(added) <= bench_run.MAX_GRID_EXTENSIONS

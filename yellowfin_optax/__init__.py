@@ -6,6 +6,9 @@ References:
 """
 
 from yellowfin_optax._alias import yellowfin
+from yellowfin_optax._checkpoint import check_state_compatible
+from yellowfin_optax._checkpoint import restore_state
+from yellowfin_optax._checkpoint import save_state
 from yellowfin_optax._closed_loop import closed_loop
 from yellowfin_optax._closed_loop import closed_loop_yellowfin
 from yellowfin_optax._closed_loop import ClosedLoopState
@@ -37,6 +40,7 @@ __all__ = [
     'TotalMomentumState',
     'TunedMomentumState',
     'YellowFinTunerState',
+    'check_state_compatible',
     'closed_loop',
     'closed_loop_yellowfin',
     'cubic_root',
@@ -44,6 +48,8 @@ __all__ = [
     'gradient_statistics',
     'hyperparams',
     'masked_median',
+    'restore_state',
+    'save_state',
     'robust_momentum',
     'skip_nonfinite',
     'total_momentum',

@@ -164,12 +164,12 @@ def cross_replica_mean(
 _STATISTICS_OPTIONS = (
     'beta', 'curvature_window', 'zero_debias', 'sparsity_debias',
     'h_min_log_smooth', 'h_max_log_smooth', 'adaptive_clipping',
-    'stat_protect_factor', 'clip_norm', 'eps',
+    'stat_protect_factor', 'clip_norm', 'eps', 'h_min_quantile',
 )
 _TUNER_OPTIONS = (
     'learning_rate', 'momentum', 'beta', 'curvature_window', 'lr_factor',
     'smoothed_hyperparams', 'adaptive_clipping', 'catastrophic_move_threshold',
-    'eps',
+    'eps', 'debias_smoothed',
 )
 
 

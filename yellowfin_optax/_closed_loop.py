@@ -34,6 +34,8 @@ from yellowfin_optax import _nonfinite
 MOMENTUM_RANGE = (-0.9, 0.999)
 # The median is searched in this range: estimates outside saturate at its ends.
 _MEDIAN_RANGE = (-2.0, 2.0)
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+ESTIMATORS = ('median', 'least_squares')
 
 
 def masked_median(
@@ -132,6 +134,7 @@ def total_momentum(
     *,
     staleness: int = 0,
     learning_rate: jax.typing.ArrayLike | None = None,
+    estimator: str = 'median',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Measures the total momentum of the system ``inner`` runs in.
 
@@ -159,6 +162,13 @@ def total_momentum(
     learning_rate: the constant learning rate of ``inner``; ``None`` reads the
       ``learning_rate`` (and ``grad_scale``, if any) fields of ``inner``'s
       state after each step, as YellowFin's state has.
+    estimator: ``'median'`` (the paper's) or ``'least_squares'``:
+      :math:`\langle n, d\rangle / \langle d, d\rangle` over all coordinates
+      (numerator ``n`` and denominator ``d`` as above), i.e. the ratios
+      weighted by :math:`d_i^2`. Asynchrony destabilises the few
+      high-curvature directions, which move most; the median barely sees
+      them, the least-squares fit is dominated by them. It also costs one
+      pass (two dot products) instead of the median's five.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are
@@ -179,6 +189,8 @@ def total_momentum(
   """
   _checks.check_int('staleness', staleness, 0)
   _checks.check_range('learning_rate', learning_rate, 0.0, low_open=True)
+  if estimator not in ESTIMATORS:
+    raise ValueError(f'estimator must be one of {ESTIMATORS}, got {estimator!r}.')
   inner = optax.with_extra_args_support(inner)
   size = staleness + 1
 
@@ -215,22 +227,30 @@ def total_momentum(
       latest = jax.tree.map(lambda b: b[newer].astype(jnp.float32), state.past_updates)
       latest_size = state.past_step_sizes[newer]
 
-    def ratio_and_mask(u, u_prev, g):
-      num = u + latest_size * g.astype(jnp.float32)
-      ok = (jnp.abs(u_prev) > jnp.finfo(jnp.float32).tiny) & jnp.isfinite(num)
-      ok &= jnp.isfinite(u_prev)
-      return jnp.where(ok, num / jnp.where(ok, u_prev, 1.0), 0.0), ok
-
-    pairs = jax.tree.map(ratio_and_mask, latest, previous, updates)
-    is_pair = lambda x: isinstance(x, tuple)
-    ratios = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-    mask = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
-    median, count = masked_median(ratios, mask)
+    numerator = jax.tree.map(
+        lambda u, g: u + latest_size * g.astype(jnp.float32), latest, updates
+    )
+    if estimator == 'median':
+      usable = jax.tree.map(
+          lambda n, d: (jnp.abs(d) > _TINY) & jnp.isfinite(n) & jnp.isfinite(d),
+          numerator, previous,
+      )
+      ratios = jax.tree.map(
+          lambda n, d, ok: jnp.where(ok, n / jnp.where(ok, d, 1.0), 0.0),
+          numerator, previous, usable,
+      )
+      estimate, count = masked_median(ratios, usable)
+    else:  # least squares: <n, d> / <d, d>
+      nd = optax.tree.vdot(numerator, previous)
+      dd = optax.tree.vdot(previous, previous)
+      ok = (dd > _TINY) & jnp.isfinite(nd) & jnp.isfinite(dd)
+      estimate = jnp.clip(nd / jnp.where(ok, dd, 1.0), *_MEDIAN_RANGE)
+      count = ok.astype(jnp.int32)
     measurable = (t >= staleness + 1) & (count > 0)
 
     return new_updates, TotalMomentumState(
         inner=inner_state,
-        total_momentum=jnp.where(measurable, median, state.total_momentum),
+        total_momentum=jnp.where(measurable, estimate, state.total_momentum),
         measured=state.measured + measurable.astype(jnp.int32),
         count=optax.safe_increment(t),
         past_updates=jax.tree.map(
@@ -345,6 +365,7 @@ def closed_loop_yellowfin(
     *,
     nesterov: bool = False,
     on_nonfinite: str = 'skip',
+    estimator: str = 'median',
     **yellowfin_options: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Closed-loop YellowFin on gradients that arrive ``staleness`` steps late.
@@ -364,6 +385,8 @@ def closed_loop_yellowfin(
     gain: feedback gain :math:`\gamma`; 0 is open loop with measurement.
     nesterov: use Nesterov momentum.
     on_nonfinite: see :func:`skip_nonfinite`.
+    estimator: total-momentum estimator, ``'median'`` (the paper's) or
+      ``'least_squares'``; see :func:`total_momentum`.
     **yellowfin_options: any option of :func:`yellowfin` (``learning_rate``,
       ``beta``, ``curvature_window``, ...).
 
@@ -400,6 +423,7 @@ def closed_loop_yellowfin(
           tuner, nesterov=nesterov, momentum_range=MOMENTUM_RANGE
       ),
       staleness=staleness,
+      estimator=estimator,
   )
   return _alias.cross_replica_mean(
       _delay.delayed_gradients(

@@ -93,6 +93,21 @@ def clip_factor(sq_norm: jax.Array, max_norm: jax.Array) -> jax.Array:
   return jnp.minimum(1.0, max_norm / (jnp.sqrt(sq_norm) + _TORCH_CLIP_EPS))
 
 
+def window_quantile(window: jax.Array, step: jax.Array, q: float) -> jax.Array:
+  """``q``-quantile (linear interpolation) of the filled part of a ring buffer.
+
+  Slots ``0 .. min(step, w - 1)`` are filled; the window is ``w`` long.
+  """
+  w = window.shape[0]
+  filled = jnp.minimum(step + 1, w)
+  ordered = jnp.sort(jnp.where(jnp.arange(w) < filled, window, jnp.inf))
+  position = q * (filled - 1).astype(jnp.float32)
+  below = jnp.floor(position).astype(jnp.int32)
+  above = jnp.minimum(below + 1, filled - 1)
+  frac = position - below
+  return ordered[below] + frac * (ordered[above] - ordered[below])
+
+
 def gradient_statistics(
     beta: jax.typing.ArrayLike = 0.999,
     curvature_window: int = 20,
@@ -105,6 +120,7 @@ def gradient_statistics(
     stat_protect_factor: jax.typing.ArrayLike = 100.0,
     clip_norm: jax.typing.ArrayLike | None = None,
     eps: float = 1e-6,
+    h_min_quantile: float | None = None,
 ) -> optax.GradientTransformation:
   r"""Measures the statistics YellowFin tunes from, and clips adaptively.
 
@@ -142,6 +158,11 @@ def gradient_statistics(
     clip_norm: fixed global-norm clip applied before everything; ``None`` for
       none.
     eps: numerical floor used throughout (the reference's ``1e-6``).
+    h_min_quantile: ``None`` (the reference) takes ``h_min`` from the window's
+      minimum; a value ``q`` in [0, 1) takes the ``q``-quantile of the window
+      instead (linear interpolation), so that a few minibatches that carry
+      almost no gradient late in training do not drag ``h_min`` (and with it
+      the learning rate) along (beyond the reference; see BUILD_NOTES.md).
 
   Returns:
     An ``optax.GradientTransformation`` emitting the clipped gradient.
@@ -165,6 +186,7 @@ def gradient_statistics(
   _checks.check_range('stat_protect_factor', stat_protect_factor, 0.0)
   _checks.check_range('clip_norm', clip_norm, 0.0, low_open=True)
   _checks.check_range('eps', eps, 0.0, 1.0, high_open=True)
+  _checks.check_range('h_min_quantile', h_min_quantile, 0.0, 1.0, high_open=True)
 
   def init_fn(params: optax.Params) -> GradientStatisticsState:
     zero = jnp.zeros([], jnp.float32)
@@ -229,7 +251,11 @@ def gradient_statistics(
     log_window = jnp.log(window + eps)
     lo = log_window if h_min_log_smooth else window
     hi = log_window if h_max_log_smooth else window
-    h_min_ema = ema(state.h_min_ema, jnp.min(jnp.where(filled, lo, jnp.inf)))
+    if h_min_quantile is None:
+      window_low = jnp.min(jnp.where(filled, lo, jnp.inf))
+    else:
+      window_low = window_quantile(lo, t, h_min_quantile)
+    h_min_ema = ema(state.h_min_ema, window_low)
     h_max_ema = ema(state.h_max_ema, jnp.max(jnp.where(filled, hi, -jnp.inf)))
     h_min = h_min_ema / dz
     h_max = h_max_ema / dz

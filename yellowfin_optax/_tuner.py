@@ -177,6 +177,7 @@ def yellowfin_tuner(
     adaptive_clipping: bool = True,
     catastrophic_move_threshold: jax.typing.ArrayLike = 100.0,
     eps: float = 1e-6,
+    debias_smoothed: bool = False,
 ) -> optax.GradientTransformation:
   r"""Tunes YellowFin's learning rate and momentum from measured statistics.
 
@@ -208,6 +209,12 @@ def yellowfin_tuner(
     adaptive_clipping: apply the catastrophic-move cap.
     catastrophic_move_threshold: the cap on ``lr * ||g||``, > 0.
     eps: numerical floor.
+    debias_smoothed: zero-debias the smoothed values: the ``k``-th tuning step
+      moves them by ``(1 - beta) / (1 - beta**k)`` of the way to
+      ``(lr_t, mu_t)`` (so the first tuned values replace the initial ones at
+      once). The reference's smoothing starts from the initial ``1e-4`` and
+      never debiases, which lags for ~``1/(1-beta)`` steps (beyond the
+      reference; see BUILD_NOTES.md).
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`YellowFinTunerState`.
@@ -248,7 +255,7 @@ def yellowfin_tuner(
   def update_fn(updates, state, params=None):
     updates, stats = statistics.update(updates, state.statistics, params)
     t = state.statistics.step
-    b, one_minus_b, _ = _statistics.ema_constants(beta)
+    b, one_minus_b, log_b = _statistics.ema_constants(beta)
     lr_t, mu_t = tune(
         stats.h_min, stats.h_max, stats.grad_var, stats.dist_to_opt, t,
         curvature_window, eps,
@@ -256,8 +263,11 @@ def yellowfin_tuner(
     tuning = t > 0
     lr_t = jnp.where(tuning, lr_t, state.lr_t)
     mu_t = jnp.where(tuning, mu_t, state.mu_t)
-    lr = jnp.where(tuning, b * state.lr + one_minus_b * lr_t, state.lr)
-    mu = jnp.where(tuning, b * state.mu + one_minus_b * mu_t, state.mu)
+    rate = one_minus_b
+    if debias_smoothed:  # the k-th tuning step is step t = k
+      rate = rate / _statistics.debias_factor(t - 1, log_b)
+    lr = jnp.where(tuning, state.lr + rate * (lr_t - state.lr), state.lr)
+    mu = jnp.where(tuning, state.mu + rate * (mu_t - state.mu), state.mu)
 
     lr_applied, mu_applied = (lr, mu) if smoothed_hyperparams else (lr_t, mu_t)
     factor = lr_factor(t) if callable(lr_factor) else lr_factor
