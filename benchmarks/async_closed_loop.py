@@ -11,10 +11,9 @@ same seeds, initialisations and batches:
   ``closed_loop_yellowfin(staleness=15, gain=0.0)`` so that the total momentum
   is measured too (``gain=0`` applies exactly the tuner's momentum);
 * ``yf_closed``: closed-loop YellowFin, ``closed_loop_yellowfin(15, gain=0.01)``;
-* ``yf_closed_ls``: the same loop with a proposed estimator of the total
-  momentum (:func:`total_momentum_least_squares`: least squares over all
-  coordinates instead of the paper's median; defined here, not in the
-  library);
+* ``yf_closed_ls``: the same loop with the least-squares estimator of the
+  total momentum (``estimator='least_squares'``: a fit over all coordinates
+  instead of the paper's median);
 * ``adam``: ``delayed_gradients(15, optax.adam(lr))``, ``lr`` grid-tuned in the
   *synchronous* setting (staleness 0), as the paper does;
 * ``yf_sync``: synchronous YellowFin (staleness 0), the reference asynchrony
@@ -59,6 +58,7 @@ import numpy as np
 import optax
 
 import yellowfin_optax as yf
+from benchmarks._analysis import iterations_to, smooth, speedup
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 METHODS = ('yf_open', 'yf_closed', 'yf_closed_ls', 'adam', 'yf_sync')
@@ -203,104 +203,14 @@ def mnist1d_cnn(batch_size: int = 32, channels: int = 16,
 # ------------------------------------------------------------------ running
 
 
-def total_momentum_least_squares(
-    inner: optax.GradientTransformation, *, staleness: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-  r""":func:`yellowfin_optax.total_momentum` with a least-squares estimate.
-
-  Same model and history as the library's estimator, but instead of the
-  median over coordinates of :math:`r_i = n_i / d_i` (numerator
-  :math:`n = x_{s+1} - x_s + \alpha_s \nabla f(x_s)`, denominator
-  :math:`d = x_s - x_{s-1}`) it fits one :math:`\mu_T` to all coordinates:
-
-  .. math::
-    \hat\mu_T = \frac{\langle n, d \rangle}{\langle d, d \rangle}
-    = \frac{\sum_i d_i^2 r_i}{\sum_i d_i^2},
-
-  a mean of the ratios weighted by the squared movement. Asynchrony
-  destabilises the few high-curvature directions first; they move the most,
-  so they dominate this estimate while the median ignores them. It costs two
-  global dot products (one all-reduce when sharded) instead of the median's
-  search. The estimate is clipped to [-2, 2] like the median's search range.
-  A proposal for the library (see notes/async_closed_loop.md).
-  """
-  from yellowfin_optax import _closed_loop  # pylint: disable=g-import-not-at-top
-  from yellowfin_optax import _hyperparams  # pylint: disable=g-import-not-at-top
-
-  inner = optax.with_extra_args_support(inner)
-  size = staleness + 1
-
-  def init_fn(params):
-    return _closed_loop.TotalMomentumState(
-        inner=inner.init(params),
-        total_momentum=jnp.zeros([], jnp.float32),
-        measured=jnp.zeros([], jnp.int32),
-        count=jnp.zeros([], jnp.int32),
-        past_updates=jax.tree.map(
-            lambda p: jnp.zeros((size,) + jnp.shape(p), jnp.asarray(p).dtype),
-            params),
-        past_step_sizes=jnp.zeros([size], jnp.float32),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    new_updates, inner_state = inner.update(
-        updates, state.inner, params, **extra_args)
-    found = _hyperparams.find_scalars(
-        inner_state, ('learning_rate', 'grad_scale'))
-    step_size = found['learning_rate'] * found.get('grad_scale', 1.0)
-    t = state.count
-    slot = t % size  # x_{s} - x_{s-1}, s = t - staleness
-    take = lambda i: jax.tree.map(
-        lambda b: b[i].astype(jnp.float32), state.past_updates)
-    previous = take(slot)
-    if staleness == 0:
-      latest, latest_size = optax.tree.cast(new_updates, jnp.float32), step_size
-    else:
-      newer = (t - staleness) % size
-      latest, latest_size = take(newer), state.past_step_sizes[newer]
-    num = jax.tree.map(lambda u, g: u + latest_size * g.astype(jnp.float32),
-                       latest, updates)
-    nd, dd = optax.tree.vdot(num, previous), optax.tree.vdot(previous,
-                                                             previous)
-    ok = ((t >= staleness + 1) & (dd > jnp.finfo(jnp.float32).tiny)
-          & jnp.isfinite(nd) & jnp.isfinite(dd))
-    estimate = jnp.clip(nd / jnp.where(ok, dd, 1.0), -2.0, 2.0)
-    return new_updates, _closed_loop.TotalMomentumState(
-        inner=inner_state,
-        total_momentum=jnp.where(ok, estimate, state.total_momentum),
-        measured=state.measured + ok.astype(jnp.int32),
-        count=optax.safe_increment(t),
-        past_updates=jax.tree.map(
-            lambda b, u: b.at[slot].set(u.astype(b.dtype)),
-            state.past_updates, new_updates),
-        past_step_sizes=state.past_step_sizes.at[slot].set(step_size),
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def closed_loop_yellowfin_least_squares(
-    staleness: int, gain: jax.typing.ArrayLike
-) -> optax.GradientTransformationExtraArgs:
-  """``closed_loop_yellowfin`` built on :func:`total_momentum_least_squares`."""
-  from yellowfin_optax import _alias  # pylint: disable=g-import-not-at-top
-  from yellowfin_optax import _closed_loop  # pylint: disable=g-import-not-at-top
-
-  measured = total_momentum_least_squares(
-      yf.tuned_momentum(_alias.yellowfin_tuner_from_options(),
-                        momentum_range=_closed_loop.MOMENTUM_RANGE),
-      staleness=staleness)
-  return yf.delayed_gradients(
-      staleness, yf.skip_nonfinite(yf.closed_loop(measured, gain=gain)))
-
-
 def make_optimizer(family: str, staleness: int, hyper: jax.Array
                    ) -> optax.GradientTransformation:
   """``family`` 'yf' / 'yf_ls': ``hyper`` is the loop gain; 'adam': the lr."""
   if family == 'yf':
     return yf.closed_loop_yellowfin(staleness, gain=hyper)
   if family == 'yf_ls':
-    return closed_loop_yellowfin_least_squares(staleness, hyper)
+    return yf.closed_loop_yellowfin(staleness, gain=hyper,
+                                    estimator='least_squares')
   if family == 'adam':
     return yf.delayed_gradients(staleness, optax.adam(hyper))
   raise ValueError(f'unknown optimizer family {family!r}')
@@ -346,40 +256,6 @@ def make_runner(problem: Problem, family: str, staleness: int, steps: int
 
 
 # ----------------------------------------------------------------- analysis
-
-
-def smooth(loss: np.ndarray, window: int) -> np.ndarray:
-  """Uniform moving average; entry ``i`` averages steps ``i .. i+window-1``.
-
-  A non-finite loss makes every window that contains it ``inf``, and so does
-  everything after it (a run that diverged never reaches a target later).
-  """
-  loss = np.asarray(loss, np.float64)
-  bad = np.cumsum(~np.isfinite(loss)) > 0
-  c = np.concatenate([[0.0], np.cumsum(np.where(bad, 0.0, loss))])
-  out = (c[window:] - c[:-window]) / window
-  return np.where(bad[window - 1:], np.inf, out)
-
-
-def iterations_to(smoothed: np.ndarray, target: float, window: int) -> float:
-  """Steps until the smoothed loss first is ``<= target`` (``inf``: never).
-
-  Smoothed entry ``i`` is known after step ``i + window``.
-  """
-  hit = np.nonzero(smoothed <= target)[0]
-  return float(hit[0] + window) if hit.size else float('inf')
-
-
-def speedup(loss_a: np.ndarray, loss_b: np.ndarray, window: int) -> float:
-  """Speedup of A over B: iterations of B / of A to the lowest loss both reach.
-
-  ``nan`` if either run never has a finite smoothed loss.
-  """
-  sa, sb = smooth(loss_a, window), smooth(loss_b, window)
-  target = max(sa.min(), sb.min())
-  if not np.isfinite(target):
-    return float('nan')
-  return iterations_to(sb, target, window) / iterations_to(sa, target, window)
 
 
 def geomean(values) -> float:

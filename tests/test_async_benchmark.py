@@ -1,10 +1,8 @@
 """Smoke and behaviour tests of benchmarks/async_closed_loop.py (tiny sizes)."""
 
 import json
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -47,27 +45,6 @@ def test_gain_zero_is_open_loop_yellowfin():
   # Open loop: the applied momentum is the target, every step.
   np.testing.assert_array_equal(logs['algorithmic_momentum'],
                                 logs['target_momentum'])
-
-
-class _Fixed(NamedTuple):
-  learning_rate: jax.Array
-  momentum: jax.Array
-
-
-def test_least_squares_estimator_is_exact_for_heavy_ball():
-  """Heavy ball, constant lr, no staleness: the fitted total momentum is mu."""
-  lr, mu = 0.05, 0.7
-  fixed = optax.GradientTransformation(
-      lambda p: _Fixed(jnp.float32(lr), jnp.float32(mu)),
-      lambda g, s, p=None: (g, s))
-  tx = bench.total_momentum_least_squares(yf.tuned_momentum(fixed))
-  x = jnp.linspace(1.0, 3.0, 7)
-  state = tx.init(x)
-  for _ in range(6):
-    u, state = tx.update(x * jnp.arange(1.0, 8.0), state, x)
-    x = x + u
-  assert float(state.total_momentum) == pytest.approx(mu, abs=1e-4)
-  assert int(state.measured) == 5
 
 
 def test_quick_pipeline_writes_outputs_and_closed_loop_stabilises(tmp_path):

@@ -6,6 +6,7 @@ References:
 """
 
 from yellowfin_optax._alias import yellowfin
+from yellowfin_optax._alias import yellowfin_auto
 from yellowfin_optax._checkpoint import check_state_compatible
 from yellowfin_optax._checkpoint import restore_state
 from yellowfin_optax._checkpoint import save_state
@@ -56,5 +57,6 @@ __all__ = [
     'tune',
     'tuned_momentum',
     'yellowfin',
+    'yellowfin_auto',
     'yellowfin_tuner',
 ]

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import optax
 
+from yellowfin_optax import _checks
 from yellowfin_optax import _momentum
 from yellowfin_optax import _nonfinite
 from yellowfin_optax import _statistics
@@ -44,6 +45,8 @@ def yellowfin(
     eps: float = 1e-6,
     axis_name: str | None = None,
     on_nonfinite: str = 'skip',
+    h_min_quantile: float | None = None,
+    debias_smoothed: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""YellowFin: momentum SGD that tunes its own learning rate and momentum.
 
@@ -89,6 +92,10 @@ def yellowfin(
       measuring; ``None`` for a single replica or sharded ``jit``.
     on_nonfinite: ``'skip'``, ``'raise_in_debug'`` or ``'propagate'``; see
       :func:`skip_nonfinite`.
+    h_min_quantile: ``None`` (reference) or a quantile of the curvature
+      window to take ``h_min`` from; see :func:`gradient_statistics`.
+    debias_smoothed: zero-debias the smoothed values; see
+      :func:`yellowfin_tuner`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; read the tuned values with
@@ -130,6 +137,8 @@ def yellowfin(
       lr_factor=lr_factor,
       smoothed_hyperparams=smoothed_hyperparams,
       eps=eps,
+      h_min_quantile=h_min_quantile,
+      debias_smoothed=debias_smoothed,
   )
   return cross_replica_mean(
       _nonfinite.skip_nonfinite(
@@ -188,3 +197,64 @@ def yellowfin_tuner_from_options(**options: Any) -> optax.GradientTransformation
   pick = lambda names: {k: options[k] for k in names if k in options}
   statistics = _statistics.gradient_statistics(**pick(_STATISTICS_OPTIONS))
   return _tuner.yellowfin_tuner(statistics, **pick(_TUNER_OPTIONS))
+
+
+# yellowfin_auto's departures from the reference; BUILD_NOTES.md has the
+# measurements that chose them.
+AUTO_DEFAULTS: dict[str, Any] = dict(
+    h_min_quantile=0.25,
+    smoothed_hyperparams=True,
+    debias_smoothed=True,
+)
+
+
+def yellowfin_auto(
+    total_steps: int | None = None, **options: Any
+) -> optax.GradientTransformationExtraArgs:
+  r"""YellowFin with the changes that stop its late-training step growth.
+
+  The reference tuner takes :math:`h_{\min}` from the smallest
+  :math:`\|g\|^2` of its window. Late in training some minibatches carry
+  almost no gradient, :math:`h_{\min}` follows them down, and the effective
+  step :math:`\alpha/(1-\mu)` grows like :math:`h_{\min}^{-1/3}` until the
+  loss plateaus or bounces. This alias changes, relative to :func:`yellowfin`
+  (each is an option there too):
+
+  * ``h_min_quantile=0.25``: :math:`h_{\min}` from the window's lower quartile
+    instead of its minimum;
+  * ``smoothed_hyperparams=True, debias_smoothed=True``: apply the
+    zero-debiased ``beta``-smoothed learning rate and momentum (the paper's
+    Algorithm 1, without the reference's lag from the initial values);
+  * with ``total_steps``: ``lr_factor`` decays along a cosine to 0 at
+    ``total_steps`` (``None``: no decay, for runs of unknown length).
+
+  Args:
+    total_steps: run length for the cosine decay of ``lr_factor``, or
+      ``None``.
+    **options: any option of :func:`yellowfin`; overrides the above.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import yellowfin_optax as yf
+    >>> loss = lambda x: jnp.sum(jnp.array([1.0, 10.0]) * x**2)
+    >>> tx = yf.yellowfin_auto(total_steps=300)
+    >>> params = jnp.array([1.0, 1.0])
+    >>> state = tx.init(params)
+    >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    >>> for _ in range(300):
+    ...   updates, state = step(params, state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(bool(loss(params) < 1e-3))
+    True
+  """
+  if total_steps is not None:
+    _checks.check_int('total_steps', total_steps, 1)
+    options.setdefault(
+        'lr_factor', optax.cosine_decay_schedule(1.0, total_steps)
+    )
+  return yellowfin(**{**AUTO_DEFAULTS, **options})

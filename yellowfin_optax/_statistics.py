@@ -14,7 +14,6 @@ import math
 import numbers
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
