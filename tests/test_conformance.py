@@ -129,3 +129,19 @@ def test_sparsity_debias_without_zero_debias_leaves_emas_alone():
       sparse.dist_to_opt, plain.dist_to_opt / (np.sqrt(sparse.sparsity) + 1e-6),
       rtol=1e-5)
   assert 0.05 < float(sparse.sparsity) < 0.2  # 90% zeros
+
+
+def report() -> None:
+  """Prints the worst relative error of each quantity per scenario."""
+  for file, scenario in SCENARIOS:
+    ref = _reference.load(file, scenario)
+    _, hp = run_recorded(yf.yellowfin(**ref['config']), ref['grads'])
+    worst = {
+        key: np.max(np.abs(hp[ours] - ref[key]) / np.maximum(np.abs(ref[key]), 1e-30))
+        for key, ours in OURS.items() if key not in ('grad_var', 'mu_t', 'mu', 'applied_mu')
+    }
+    print(f'{scenario:22s} ' + '  '.join(f'{k} {v:.1e}' for k, v in worst.items()))
+
+
+if __name__ == '__main__':
+  report()

@@ -1,0 +1,378 @@
+"""Issue 11: measure the levers of ``yellowfin_auto`` one by one and combined.
+
+Usage::
+
+    nice -n 10 python -m benchmarks.auto            # the study (~30 min, 2 cores)
+    python -m benchmarks.auto --quick               # 1-minute smoke
+
+Long runs (1500-2000 steps; the late-training step growth needs them) of
+YellowFin, each lever of ``yellowfin_auto`` alone, their combinations, and
+Adam / momentum SGD at their grid-tuned learning rates (read from the
+synchronous suite's ``results/benchmarks/full_final/results.json`` when it
+exists, else the values in :data:`TUNED_LR`), on the same seeds (same init
+and batches per seed). Reuses the suite's tasks, scan engine and analysis.
+
+Per task and variant: iterations to tuned Adam's lowest smoothed loss,
+speedup vs tuned Adam and vs tuned SGD (paper protocol,
+``benchmarks._analysis.speedup``), final smoothed loss, held-out metric and
+divergences, as median [min, max] over seeds. Writes ``results.json``,
+``results.md`` and per-task PNGs to ``--out`` (default ``results/auto``).
+
+The step-growth guard (lever d) is not a library option: it is built here
+from the library's pieces by :func:`step_growth_guard`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import yellowfin_optax as yf
+from yellowfin_optax import _alias  # AUTO_DEFAULTS, tuner-from-options
+from benchmarks import _analysis
+from benchmarks import _engine
+from benchmarks import _optimizers
+from benchmarks import tasks as tasks_lib
+
+# Fallback tuned learning rates (seed-0 grid of the synchronous suite).
+TUNED_LR: dict[str, dict[str, float]] = {
+    'digits_cnn': {'adam': 0.01, 'momentum_sgd': 0.1},
+    'mnist1d_cnn': {'adam': 0.01, 'momentum_sgd': 0.1},
+    'mnist1d_resnet': {'adam': 0.01, 'momentum_sgd': 0.316},
+    'shakespeare_lstm': {'adam': 0.0316, 'momentum_sgd': 1.0},
+    'ptb_lstm': {'adam': 0.0316, 'momentum_sgd': 3.16},
+    'digits_linear': {'adam': 0.01, 'momentum_sgd': 0.1},
+}
+SUITE_RESULTS = pathlib.Path('results/benchmarks/full_final/results.json')
+
+PROFILES: dict[str, dict[str, Any]] = {
+    'full': dict(tasks={'digits_cnn': 1500, 'mnist1d_cnn': 2000,
+                        'shakespeare_lstm': 1500}, seeds=3, variants=None),
+    'quick': dict(tasks={'digits_linear': 300}, seeds=2, variants=None),
+    # For tests/test_auto.py: the same code path, tiny.
+    'smoke': dict(tasks={'digits_linear': 60}, seeds=2,
+                  variants=('yellowfin', 'auto_T', 'guard', 'adam')),
+}
+
+GUARD_GROWTH = 2.0
+GUARD_ANCHOR_STEP = 200
+
+
+class GuardState(NamedTuple):
+  """State of :func:`step_growth_guard`: the tuner's, and the anchor."""
+
+  tuner: Any
+  anchor: jax.Array
+
+  @property
+  def learning_rate(self) -> jax.Array:
+    return self.tuner.learning_rate
+
+  @property
+  def momentum(self) -> jax.Array:
+    return self.tuner.momentum
+
+
+def step_growth_guard(
+    tuner: optax.GradientTransformation, *, growth: float = GUARD_GROWTH,
+    anchor_step: int = GUARD_ANCHOR_STEP,
+    lr_factor: Any = 1.0,
+) -> optax.GradientTransformation:
+  """Caps the effective step ``lr / (1 - mu)`` at ``growth`` x its value at
+  ``anchor_step`` (lever d), then applies ``lr_factor`` (scalar or schedule).
+
+  ``tuner`` must be built with ``lr_factor=1`` so the guard sees the tuned
+  effective step, not the decayed one.
+  """
+
+  def init_fn(params):
+    return GuardState(tuner.init(params), jnp.zeros([], jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    updates, ts = tuner.update(updates, state.tuner, params)
+    t = state.tuner.statistics.step
+    lr, mu = ts.learning_rate, ts.momentum
+    eff = lr / (1.0 - mu)
+    anchor = jnp.where(t == anchor_step, eff, state.anchor)
+    cap = jnp.where(anchor > 0, growth * anchor, jnp.inf)
+    lr = jnp.where(eff > cap, cap * (1.0 - mu), lr)
+    factor = lr_factor(t) if callable(lr_factor) else lr_factor
+    ts = ts._replace(learning_rate=jnp.asarray(lr * factor, jnp.float32))
+    return updates, GuardState(ts, anchor)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def guarded_yellowfin(
+    total_steps: int | None = None, **options: Any
+) -> optax.GradientTransformation:
+  """``yellowfin(**options)`` with :func:`step_growth_guard` (and a cosine
+  ``lr_factor`` over ``total_steps`` if given), from the library's pieces."""
+  factor = (optax.cosine_decay_schedule(1.0, total_steps)
+            if total_steps is not None else 1.0)
+  tuner = _alias.yellowfin_tuner_from_options(**options)
+  return yf.skip_nonfinite(
+      yf.tuned_momentum(step_growth_guard(tuner, lr_factor=factor)))
+
+
+def variants(steps: int) -> dict[str, tuple[str, _optimizers.OptimizerSpec]]:
+  """Variant name -> (description, spec). ``lr`` is used by tuned ones only."""
+  cosine = optax.cosine_decay_schedule(1.0, steps)
+  auto_q = _alias.AUTO_DEFAULTS.get('h_min_quantile')  # pylint: disable=protected-access
+  yfs = lambda f, label: (label, _optimizers.OptimizerSpec(
+      lambda lr: f(), None, 'yellowfin', label, log_hyperparams=True))
+  return {
+      'yellowfin': yfs(yf.yellowfin, 'yellowfin() (reference)'),
+      'q0.1': yfs(lambda: yf.yellowfin(h_min_quantile=0.1),
+                  '(c) h_min_quantile=0.1 alone'),
+      'q0.25': yfs(lambda: yf.yellowfin(h_min_quantile=0.25),
+                   '(c) h_min_quantile=0.25 alone'),
+      'q0.5': yfs(lambda: yf.yellowfin(h_min_quantile=0.5),
+                  '(c) h_min_quantile=0.5 alone'),
+      'debias': yfs(lambda: yf.yellowfin(smoothed_hyperparams=True,
+                                         debias_smoothed=True),
+                    '(b) debiased smoothed lr, mu alone'),
+      'cosine': yfs(lambda: yf.yellowfin(lr_factor=cosine),
+                    '(a) cosine lr_factor over total_steps alone'),
+      'guard': yfs(lambda: guarded_yellowfin(),
+                   f'(d) effective-step guard alone (<= {GUARD_GROWTH:g}x '
+                   f'its step-{GUARD_ANCHOR_STEP} value)'),
+      'auto_None': yfs(lambda: yf.yellowfin_auto(),
+                       f'yellowfin_auto(total_steps=None) (q={auto_q})'),
+      'auto_T': yfs(lambda: yf.yellowfin_auto(total_steps=steps),
+                    f'yellowfin_auto(total_steps=T) (q={auto_q})'),
+      'auto_T_q0.1': yfs(
+          lambda: yf.yellowfin_auto(total_steps=steps, h_min_quantile=0.1),
+          'yellowfin_auto(T, h_min_quantile=0.1)'),
+      'auto_T_q0.5': yfs(
+          lambda: yf.yellowfin_auto(total_steps=steps, h_min_quantile=0.5),
+          'yellowfin_auto(T, h_min_quantile=0.5)'),
+      'auto_T_guard': yfs(
+          lambda: guarded_yellowfin(
+              steps, **_alias.AUTO_DEFAULTS),  # pylint: disable=protected-access
+          '(e) yellowfin_auto(T) + guard (d)'),
+      'adam': ('Adam at tuned lr', _optimizers.OptimizerSpec(
+          lambda lr: optax.adam(lr), None, 'tuned', 'adam')),
+      'momentum_sgd': ('SGD momentum 0.9 at tuned lr',
+                       _optimizers.OptimizerSpec(
+                           lambda lr: optax.sgd(lr, momentum=0.9), None,
+                           'tuned', 'momentum_sgd')),
+  }
+
+
+def tuned_lrs(task: str) -> dict[str, float]:
+  """Tuned lrs from the synchronous suite's results if present."""
+  lrs = dict(TUNED_LR.get(task, {'adam': 0.01, 'momentum_sgd': 0.1}))
+  if SUITE_RESULTS.exists():
+    rec = json.loads(SUITE_RESULTS.read_text())['tasks'].get(task)
+    if rec:
+      for name in lrs:
+        lr = rec['optimizers'].get(name, {}).get('chosen_lr')
+        if lr is not None:
+          lrs[name] = float(lr)
+  return lrs
+
+
+def window_for(steps: int) -> int:
+  return max(5, steps // 25)
+
+
+def diverged(loss: np.ndarray) -> bool:
+  """Non-finite loss, or a final smoothed loss above the first one."""
+  return bool((~np.isfinite(loss)).any() or
+              np.mean(loss[-max(5, len(loss) // 25):]) > loss[0])
+
+
+def analyse(task: tasks_lib.Task, runs: dict[str, list[Any]],
+            window: int) -> dict[str, Any]:
+  """Per-variant summaries; ``runs[name]`` is a list over seeds of
+  ``(logs, metrics)`` with the same seeds for every variant."""
+  out = {}
+  adam = [r[0]['loss'] for r in runs['adam']]
+  sgd = [r[0]['loss'] for r in runs.get('momentum_sgd', [])]
+  for name, seeds in runs.items():
+    losses = [r[0]['loss'] for r in seeds]
+    sm = [_analysis.smooth(l, window) for l in losses]
+    its = [_analysis.iterations_to(s, float(_analysis.smooth(a, window).min()),
+                                   window) for s, a in zip(sm, adam)]
+    rec = dict(
+        iters_to_adam_min=_analysis.summary(its),
+        iters_to_adam_min_per_seed=its,
+        speedup_vs_adam=_analysis.summary(
+            [_analysis.speedup(l, a, window) for l, a in zip(losses, adam)]),
+        final_smoothed_loss=_analysis.summary([float(s[-1]) for s in sm]),
+        min_smoothed_loss=_analysis.summary([float(s.min()) for s in sm]),
+        metric=_analysis.summary([r[1][task.metric] for r in seeds]),
+        diverged=int(sum(diverged(l) for l in losses)),
+    )
+    if sgd:
+      rec['speedup_vs_sgd'] = _analysis.summary(
+          [_analysis.speedup(l, b, window) for l, b in zip(losses, sgd)])
+    out[name] = rec
+  return out
+
+
+def _series(logs: list[dict[str, np.ndarray]], key: str,
+            every: int) -> list[float]:
+  """Median over seeds of a logged series, subsampled."""
+  arr = np.median(np.stack([l[key] for l in logs]), axis=0)
+  return [float(f'{v:.5g}') for v in arr[::every]]
+
+
+def run_task(name: str, steps: int, seeds: int, names: tuple[str, ...] | None,
+             progress: Any) -> dict[str, Any]:
+  """Trains every variant on one task; returns its JSON-able record."""
+  task = tasks_lib.TASKS[name]()
+  window = window_for(steps)
+  every = max(1, steps // 300)
+  lrs = tuned_lrs(name)
+  specs = variants(steps)
+  if names is not None:
+    specs = {k: v for k, v in specs.items() if k in names}
+  runs: dict[str, list[Any]] = {}
+  seconds = {}
+  for vname, (_, spec) in specs.items():
+    progress.set_postfix_str(f'{name}/{vname}')
+    t0 = time.time()
+    runner = _engine.make_runner(task, spec, steps)
+    lr = lrs.get(vname, 0.0)
+    runs[vname] = _engine.run_many(runner, [(lr, s) for s in range(seeds)],
+                                   progress)
+    seconds[vname] = round(time.time() - t0, 1)
+  summary = analyse(task, runs, window)
+  logs = {}
+  for vname, seeds_runs in runs.items():
+    per = [r[0] for r in seeds_runs]
+    logs[vname] = {k: _series(per, k, every) for k in per[0]}
+    logs[vname]['smoothed_loss_median'] = [
+        float(f'{v:.5g}') for v in np.median(np.stack(
+            [_analysis.smooth(p['loss'], window) for p in per]), 0)[::every]]
+  return dict(
+      description=task.description, steps=steps, seeds=seeds,
+      smoothing_window=window, log_every=every, metric=task.metric,
+      higher_is_better=task.higher_is_better, tuned_lr=lrs,
+      labels={k: v[0] for k, v in specs.items()}, seconds=seconds,
+      summary=summary, logs=logs)
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """The results table, one block per task."""
+  lines = [f'Command: `{results["command"]}`; wall {results["wall_seconds"]} s',
+           '']
+  for tname, rec in results['tasks'].items():
+    lines += [f'### {tname} ({rec["steps"]} steps, {rec["seeds"]} seeds, '
+              f'window {rec["smoothing_window"]}; tuned lr {rec["tuned_lr"]})',
+              '', f'| variant | iters to Adam min | speedup vs Adam | '
+              f'speedup vs SGD | final smoothed loss | {rec["metric"]} | '
+              'diverged |', '|---|---|---|---|---|---|---|']
+    for v, s in rec['summary'].items():
+      its = _analysis.fmt(s['iters_to_adam_min'], 0)
+      lines.append(
+          f'| {v} | {its} | {_analysis.fmt(s["speedup_vs_adam"])} | '
+          f'{_analysis.fmt(s.get("speedup_vs_sgd", {"n": 0}))} | '
+          f'{_analysis.fmt(s["final_smoothed_loss"], 3)} | '
+          f'{_analysis.fmt(s["metric"], 3)} | {s["diverged"]} |')
+    lines.append('')
+  lines.append('Variants: ' + '; '.join(
+      f'`{k}`: {v}' for k, v in next(iter(results['tasks'].values()))[
+          'labels'].items()))
+  return '\n'.join(lines) + '\n'
+
+
+def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
+  """Per task: smoothed loss of all variants, and the statistics of
+  yellowfin vs yellowfin_auto (median over seeds)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  for tname, rec in results['tasks'].items():
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    every = rec['log_every']
+    ax = axes[0, 0]
+    for v, lg in rec['logs'].items():
+      sm = np.asarray(lg['smoothed_loss_median'])
+      style = '-' if v in ('yellowfin', 'auto_T', 'auto_None', 'adam',
+                           'momentum_sgd') else ':'
+      ax.plot(np.arange(len(sm)) * every, sm, style, label=v, lw=1.2)
+    ax.set_yscale('log')
+    ax.set_title(f'{tname}: smoothed train loss (median of seeds)')
+    ax.set_xlabel('step')
+    ax.legend(fontsize=6, ncol=2)
+    panels = [('effective_lr', 'effective step lr/(1-mu)'),
+              ('h_min', 'h_min'), ('h_max', 'h_max'),
+              ('grad_var', 'C (grad_var)'), ('dist_to_opt', 'D (dist_to_opt)')]
+    for ax, (key, title) in zip(axes.flat[1:], panels):
+      for v in ('yellowfin', 'auto_None', 'auto_T'):
+        lg = rec['logs'].get(v)
+        if lg and key in lg:
+          y = np.asarray(lg[key])
+          ax.plot(np.arange(len(y)) * every, y, label=v, lw=1.2)
+      ax.set_yscale('log')
+      ax.set_title(title)
+      ax.set_xlabel('step')
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / f'{tname}.png'
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='1-minute smoke')
+  parser.add_argument('--profile', default=None, choices=sorted(PROFILES))
+  parser.add_argument('--tasks', nargs='*', default=None)
+  parser.add_argument('--out', default=None)
+  parser.add_argument('--docs-figure', default=None,
+                      help='copy this task\'s PNG to docs/auto_effective_step.png')
+  args = parser.parse_args(argv)
+  profile = args.profile or ('quick' if args.quick else 'full')
+  cfg = PROFILES[profile]
+  task_steps = cfg['tasks']
+  if args.tasks:
+    task_steps = {t: task_steps.get(t, 1500) for t in args.tasks}
+  out = pathlib.Path(args.out or ('results/auto' if profile == 'full'
+                                  else f'results/auto/{profile}'))
+  out.mkdir(parents=True, exist_ok=True)
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  n_var = len(cfg['variants'] or variants(10))
+  t0 = time.time()
+  results: dict[str, Any] = dict(
+      profile=profile, command='python -m benchmarks.auto ' + ' '.join(
+          argv if argv is not None else sys.argv[1:]),
+      jax_version=jax.__version__, tasks={})
+  with tqdm(total=len(task_steps) * n_var * cfg['seeds'], desc='auto',
+            disable=profile == 'smoke') as progress:
+    for tname, steps in task_steps.items():
+      results['tasks'][tname] = run_task(tname, steps, cfg['seeds'],
+                                         cfg['variants'], progress)
+  results['wall_seconds'] = round(time.time() - t0, 1)
+  (out / 'results.json').write_text(json.dumps(results, indent=1))
+  md = markdown(results)
+  (out / 'results.md').write_text(md)
+  paths = plot(results, out)
+  if args.docs_figure:
+    src = out / f'{args.docs_figure}.png'
+    pathlib.Path('docs').mkdir(exist_ok=True)
+    shutil.copy(src, 'docs/auto_effective_step.png')
+  if profile != 'smoke':
+    print(md)
+    print('wrote', out / 'results.json', *[str(p) for p in paths])
+  return results
+
+
+if __name__ == '__main__':
+  main()
