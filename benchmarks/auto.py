@@ -55,13 +55,16 @@ TUNED_LR: dict[str, dict[str, float]] = {
 }
 SUITE_RESULTS = pathlib.Path('results/benchmarks/full_final/results.json')
 
+FULL = ('yellowfin', 'q0.1', 'q0.25', 'q0.5', 'debias', 'cosine', 'guard',
+        'auto_None', 'auto_T', 'adam', 'momentum_sgd')
+
 PROFILES: dict[str, dict[str, Any]] = {
-    'full': dict(tasks={'digits_cnn': 1500, 'mnist1d_cnn': 2000,
-                        'shakespeare_lstm': 1500}, seeds=3, variants=None),
+    'full': dict(tasks={'digits_cnn': 1200, 'mnist1d_cnn': 2000,
+                        'shakespeare_lstm': 1500}, seeds=3, variants=FULL),
     'quick': dict(tasks={'digits_linear': 300}, seeds=2, variants=None),
     # For tests/test_auto.py: the same code path, tiny.
-    'smoke': dict(tasks={'digits_linear': 60}, seeds=2,
-                  variants=('yellowfin', 'auto_T', 'guard', 'adam')),
+    'smoke': dict(tasks={'digits_linear': 40}, seeds=2,
+                  variants=('yellowfin', 'guard', 'adam')),
 }
 
 GUARD_GROWTH = 2.0
@@ -265,6 +268,42 @@ def run_task(name: str, steps: int, seeds: int, names: tuple[str, ...] | None,
       summary=summary, logs=logs)
 
 
+DIAG_FROM = 100  # the issue's "after ~100 steps"
+
+
+def diagnosis(rec: dict[str, Any]) -> dict[str, dict[str, float]]:
+  """Issue 11's diagnosis on the median-over-seeds logged series, per
+  YellowFin variant, from step :data:`DIAG_FROM` to the end.
+
+  ``cubic_binds``: fraction of steps whose applied momentum is above the
+  robust-region bound ``((sqrt(h_max/h_min)-1)/(sqrt(h_max/h_min)+1))^2`` (so
+  it came from the cubic; exact for unsmoothed variants). ``h_min_drop`` and
+  ``p_drop``: value at DIAG_FROM / value at the end, with
+  ``p = D^2 h_min^2 / (2 C)``. ``eff_growth``: largest effective step after
+  DIAG_FROM / the one at DIAG_FROM; ``eff_max``: the largest.
+  """
+  out = {}
+  i0 = DIAG_FROM // rec['log_every']
+  for v, lg in rec['logs'].items():
+    if 'h_min' not in lg:
+      continue
+    g = {k: np.asarray(lg[k], np.float64)[i0:] for k in
+         ('h_min', 'h_max', 'grad_var', 'dist_to_opt', 'momentum',
+          'effective_lr')}
+    root = np.sqrt(g['h_max'] / g['h_min'])
+    robust = ((root - 1) / (root + 1)) ** 2
+    p = g['dist_to_opt'] ** 2 * g['h_min'] ** 2 / (2 * g['grad_var'])
+    out[v] = dict(
+        cubic_binds=float(np.mean(g['momentum'] > robust + 1e-6)),
+        h_min_drop=float(g['h_min'][0] / g['h_min'][-1]),
+        p_drop=float(p[0] / p[-1]),
+        eff_growth=float(g['effective_lr'].max() / g['effective_lr'][0]),
+        eff_max=float(g['effective_lr'].max()),
+        eff_final=float(g['effective_lr'][-1]),
+        mu_final=float(g['momentum'][-1]))
+  return out
+
+
 def markdown(results: dict[str, Any]) -> str:
   """The results table, one block per task."""
   lines = [f'Command: `{results["command"]}`; wall {results["wall_seconds"]} s',
@@ -282,6 +321,15 @@ def markdown(results: dict[str, Any]) -> str:
           f'{_analysis.fmt(s.get("speedup_vs_sgd", {"n": 0}))} | '
           f'{_analysis.fmt(s["final_smoothed_loss"], 3)} | '
           f'{_analysis.fmt(s["metric"], 3)} | {s["diverged"]} |')
+    lines += ['', f'Diagnosis (median-over-seeds series, steps >= {DIAG_FROM}):',
+              '', '| variant | cubic binds | h_min drop | p drop | '
+              'eff. step growth | max eff. step | final eff. step | final mu |',
+              '|---|---|---|---|---|---|---|---|']
+    for v, d in diagnosis(rec).items():
+      lines.append(
+          f'| {v} | {d["cubic_binds"]:.2f} | {d["h_min_drop"]:.3g}x | '
+          f'{d["p_drop"]:.3g}x | {d["eff_growth"]:.3g}x | {d["eff_max"]:.3g} '
+          f'| {d["eff_final"]:.3g} | {d["mu_final"]:.3f} |')
     lines.append('')
   lines.append('Variants: ' + '; '.join(
       f'`{k}`: {v}' for k, v in next(iter(results['tasks'].values()))[
@@ -336,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument('--profile', default=None, choices=sorted(PROFILES))
   parser.add_argument('--tasks', nargs='*', default=None)
   parser.add_argument('--out', default=None)
+  parser.add_argument('--merge', nargs='*', default=None,
+                      help='merge the results.json of these --out dirs')
   parser.add_argument('--docs-figure', default=None,
                       help='copy this task\'s PNG to docs/auto_effective_step.png')
   args = parser.parse_args(argv)
@@ -347,6 +397,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = pathlib.Path(args.out or ('results/auto' if profile == 'full'
                                   else f'results/auto/{profile}'))
   out.mkdir(parents=True, exist_ok=True)
+  if args.merge:
+    parts = [json.loads((pathlib.Path(d) / 'results.json').read_text())
+             for d in args.merge]
+    results = dict(parts[0], tasks={}, wall_seconds=max(
+        p['wall_seconds'] for p in parts), command=' + '.join(
+            p['command'] for p in parts) + ' (run concurrently, merged)')
+    for p in parts:
+      results['tasks'].update(p['tasks'])
+    return _write(results, out, args.docs_figure, True)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   n_var = len(cfg['variants'] or variants(10))
   t0 = time.time()
@@ -360,15 +419,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       results['tasks'][tname] = run_task(tname, steps, cfg['seeds'],
                                          cfg['variants'], progress)
   results['wall_seconds'] = round(time.time() - t0, 1)
+  return _write(results, out, args.docs_figure, profile != 'smoke')
+
+
+def _write(results: dict[str, Any], out: pathlib.Path, docs_figure: str | None,
+           verbose: bool) -> dict[str, Any]:
+  """Saves JSON, markdown and PNGs (and the docs figure); prints the table."""
+  for rec in results['tasks'].values():
+    rec['diagnosis'] = diagnosis(rec)
   (out / 'results.json').write_text(json.dumps(results, indent=1))
   md = markdown(results)
   (out / 'results.md').write_text(md)
   paths = plot(results, out)
-  if args.docs_figure:
-    src = out / f'{args.docs_figure}.png'
+  if docs_figure:
+    src = out / f'{docs_figure}.png'
     pathlib.Path('docs').mkdir(exist_ok=True)
     shutil.copy(src, 'docs/auto_effective_step.png')
-  if profile != 'smoke':
+  if verbose:
     print(md)
     print('wrote', out / 'results.json', *[str(p) for p in paths])
   return results

@@ -456,7 +456,7 @@ def main(argv=None):
   import jax
   sizes = [int(float(s)) for s in args.sizes.split(',') if s]
   if args.quick:
-    sizes, args.leaves, args.leaves_total = [sizes[0] if sizes else 10**6], 50, 1e6
+    sizes, args.leaves, args.leaves_total = [sizes[0] if sizes else 10**6], 10, 1e6
   opts = make_optimizers(args.compare, not args.no_closed_loop)
   if not args.compare_closed_loop:
     opts = {k: v for k, v in opts.items()
