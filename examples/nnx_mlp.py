@@ -4,11 +4,10 @@ Shows the three things an NNX user needs:
 
 1. ``nnx.Optimizer(model, yellowfin_optax.yellowfin(), wrt=nnx.Param)`` and
    ``optimizer.update(model, grads)`` inside ``@nnx.jit``;
-2. how to read the tuned learning rate and momentum from
-   ``optimizer.opt_state``: NNX wraps every optimizer-state leaf in an
-   ``nnx.Variable`` (its pytree path ends in ``.value``), so unwrap the
-   variables first (:func:`tuned_hyperparams` below), then call
-   ``yellowfin_optax.hyperparams``. This works inside ``nnx.jit``;
+2. how to read the tuned learning rate and momentum:
+   ``yellowfin_optax.hyperparams(optimizer.opt_state)`` (NNX wraps every
+   state leaf in an ``nnx.Variable``; ``hyperparams`` looks through it). This
+   works inside ``nnx.jit``;
 3. logging those values every step without a host sync.
 
 Run::
@@ -52,20 +51,6 @@ class MLP(nnx.Module):
     return self.out(x)
 
 
-def tuned_hyperparams(optimizer: nnx.Optimizer) -> dict[str, jax.Array]:
-  """YellowFin's tuned values from an ``nnx.Optimizer`` (works under jit).
-
-  ``yellowfin_optax.hyperparams`` keys on the state's NamedTuple field names;
-  in NNX each leaf sits one level deeper, inside an ``nnx.Variable``
-  (``...learning_rate.value``), so unwrap the variables into plain arrays.
-  """
-  pure_state = jax.tree.map(
-      lambda v: v[...], optimizer.opt_state,
-      is_leaf=lambda x: isinstance(x, nnx.Variable),
-  )
-  return yellowfin_optax.hyperparams(pure_state)
-
-
 def loss_fn(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
@@ -74,7 +59,7 @@ def loss_fn(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
 def train_step(model: MLP, optimizer: nnx.Optimizer, x, y):
   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
   optimizer.update(model, grads)
-  return loss, tuned_hyperparams(optimizer)
+  return loss, yellowfin_optax.hyperparams(optimizer.opt_state)
 
 
 @nnx.jit
@@ -114,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   wall = time.perf_counter() - start
 
   # Outside jit, the same reader works on the live optimizer.
-  final = {k: float(v) for k, v in tuned_hyperparams(optimizer).items()}
+  final = {k: float(v) for k, v in
+           yellowfin_optax.hyperparams(optimizer.opt_state).items()}
   print(f"{'steps':>6}{'train loss':>12}{'test acc':>10}{'lr':>10}"
         f"{'momentum':>10}{'wall s':>8}")
   print(f'{args.steps:>6}{np.mean(losses[-50:]):>12.4f}{test_acc:>10.3f}'
