@@ -56,17 +56,23 @@ TUNED_LR: dict[str, dict[str, float]] = {
 SUITE_RESULTS = pathlib.Path('results/benchmarks/full_final/results.json')
 
 FULL = ('yellowfin', 'q0.1', 'q0.25', 'q0.5', 'debias', 'cosine', 'guard',
-        'auto_None', 'auto_T', 'adam', 'momentum_sgd')
+        'prov_auto_None', 'prov_auto_T', 'adam', 'momentum_sgd')
+ROUND2 = ('guard_cosine', 'guard_debias', 'guard_debias_cosine',
+          'guard_q0.25_cosine', 'adam', 'momentum_sgd')
 
 PROFILES: dict[str, dict[str, Any]] = {
     'full': dict(tasks={'digits_cnn': 1200, 'mnist1d_cnn': 2000,
                         'shakespeare_lstm': 1500}, seeds=3, variants=FULL),
+    'round2': dict(tasks={'digits_cnn': 1200, 'mnist1d_cnn': 2000,
+                          'shakespeare_lstm': 1500}, seeds=3, variants=ROUND2),
     'quick': dict(tasks={'digits_linear': 300}, seeds=2, variants=None),
     # For tests/test_auto.py: the same code path, tiny.
     'smoke': dict(tasks={'digits_linear': 40}, seeds=2,
                   variants=('yellowfin', 'guard', 'adam')),
 }
 
+DEBIAS = dict(smoothed_hyperparams=True, debias_smoothed=True)
+PROVISIONAL = dict(h_min_quantile=0.25, **DEBIAS)  # the lead's first guess
 GUARD_GROWTH = 2.0
 GUARD_ANCHOR_STEP = 200
 
@@ -160,10 +166,22 @@ def variants(steps: int) -> dict[str, tuple[str, _optimizers.OptimizerSpec]]:
       'auto_T_q0.5': yfs(
           lambda: yf.yellowfin_auto(total_steps=steps, h_min_quantile=0.5),
           'yellowfin_auto(T, h_min_quantile=0.5)'),
-      'auto_T_guard': yfs(
-          lambda: guarded_yellowfin(
-              steps, **_alias.AUTO_DEFAULTS),  # pylint: disable=protected-access
-          '(e) yellowfin_auto(T) + guard (d)'),
+      'prov_auto_None': yfs(
+          lambda: yf.yellowfin(**PROVISIONAL),
+          'provisional auto, total_steps=None: q=0.25 + debiased smoothing'),
+      'prov_auto_T': yfs(
+          lambda: yf.yellowfin(lr_factor=cosine, **PROVISIONAL),
+          'provisional auto with T: q=0.25 + debiased smoothing + cosine'),
+      'guard_cosine': yfs(lambda: guarded_yellowfin(steps),
+                          'guard (d) + cosine (a)'),
+      'guard_debias': yfs(lambda: guarded_yellowfin(None, **DEBIAS),
+                          'guard (d) + debiased smoothing (b)'),
+      'guard_debias_cosine': yfs(
+          lambda: guarded_yellowfin(steps, **DEBIAS),
+          'guard (d) + debiased smoothing (b) + cosine (a)'),
+      'guard_q0.25_cosine': yfs(
+          lambda: guarded_yellowfin(steps, h_min_quantile=0.25),
+          'guard (d) + q=0.25 (c) + cosine (a)'),
       'adam': ('Adam at tuned lr', _optimizers.OptimizerSpec(
           lambda lr: optax.adam(lr), None, 'tuned', 'adam')),
       'momentum_sgd': ('SGD momentum 0.9 at tuned lr',
@@ -268,6 +286,10 @@ def run_task(name: str, steps: int, seeds: int, names: tuple[str, ...] | None,
       summary=summary, logs=logs)
 
 
+# Variants whose statistics are plotted (those present).
+STAT_VARIANTS = ('yellowfin', 'prov_auto_T', 'guard', 'guard_cosine',
+                 'auto_None', 'auto_T')
+
 DIAG_FROM = 100  # the "after ~100 steps"
 
 
@@ -350,8 +372,7 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
     ax = axes[0, 0]
     for v, lg in rec['logs'].items():
       sm = np.asarray(lg['smoothed_loss_median'])
-      style = '-' if v in ('yellowfin', 'auto_T', 'auto_None', 'adam',
-                           'momentum_sgd') else ':'
+      style = '-' if v in STAT_VARIANTS + ('adam', 'momentum_sgd') else ':'
       ax.plot(np.arange(len(sm)) * every, sm, style, label=v, lw=1.2)
     ax.set_yscale('log')
     ax.set_title(f'{tname}: smoothed train loss (median of seeds)')
@@ -361,7 +382,7 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
               ('h_min', 'h_min'), ('h_max', 'h_max'),
               ('grad_var', 'C (grad_var)'), ('dist_to_opt', 'D (dist_to_opt)')]
     for ax, (key, title) in zip(axes.flat[1:], panels):
-      for v in ('yellowfin', 'auto_None', 'auto_T'):
+      for v in STAT_VARIANTS:
         lg = rec['logs'].get(v)
         if lg and key in lg:
           y = np.asarray(lg[key])
@@ -403,8 +424,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = dict(parts[0], tasks={}, wall_seconds=max(
         p['wall_seconds'] for p in parts), command=' + '.join(
             p['command'] for p in parts) + ' (run concurrently, merged)')
-    for p in parts:
-      results['tasks'].update(p['tasks'])
+    for p in parts:  # same task in several parts: union of the variants
+      for tname, rec in p['tasks'].items():
+        if tname not in results['tasks']:
+          results['tasks'][tname] = json.loads(json.dumps(rec))
+          continue
+        have = results['tasks'][tname]
+        assert have['steps'] == rec['steps'] and have['seeds'] == rec['seeds']
+        for sec in ('labels', 'seconds', 'logs'):
+          have[sec].update(rec[sec])
+        # Re-analysis needs per-seed losses, which are not saved: keep the
+        # summaries (Adam/SGD reruns are deterministic per seed).
+        have['summary'].update(rec['summary'])
     return _write(results, out, args.docs_figure, True)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   n_var = len(cfg['variants'] or variants(10))

@@ -104,3 +104,14 @@ def test_char_lstm_missing_data_is_a_clear_error(tmp_path):
   missing = tmp_path / 'nowhere' / 'input.txt'
   with pytest.raises(FileNotFoundError, match='Tiny Shakespeare not found'):
     module.main(['--data', str(missing), '--out', str(tmp_path)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,argv', [
+    ('data_parallel', ['--steps', '5', '--count-collectives']),
+    ('sharded_jit', ['--steps', '5']),
+    ('async_workers', ['--steps', '16']),
+])
+def test_multidevice_examples(name, argv, tmp_path):
+  _load(name).main(argv + ['--out', str(tmp_path)])
+  assert any(tmp_path.iterdir()), f'{name} wrote nothing'
