@@ -222,6 +222,14 @@ def gradient_statistics(
 
     # One global norm gives every clipping factor.
     s = optax.tree.norm(g32, squared=True)
+    # Reductions over the old EMA in the same pass over the inputs: with them
+    # ||EMA(g)||^2 after the update follows without a reduction over the new
+    # EMA, so every scalar is known before any parameter-size output is
+    # written, and XLA writes the new EMA once, in its final form (after
+    # skip_nonfinite's select), instead of writing it, reducing it, and
+    # rewriting it (notes/step_cost.md).
+    ema_sq = optax.tree.norm(state.grad_ema, squared=True)
+    ema_dot_g = optax.tree.vdot(state.grad_ema, g32)
     scale = jnp.ones([], jnp.float32)
     if clip_norm is not None:
       scale = clip_factor(s, clip_norm)
@@ -263,9 +271,13 @@ def gradient_statistics(
 
     # Variance and distance to the optimum.
     grad_ema = optax.tree.update_moment(measured, state.grad_ema, b, 1)
-    grad_var = sq_norm_ema / dz - optax.tree.norm(grad_ema, squared=True) / (
-        dz * dz
+    # ||b m + (1 - b) c g||^2 expanded; s is already ||c g||^2.
+    new_ema_sq = jnp.maximum(
+        b * b * ema_sq + 2.0 * b * one_minus_b * scale * ema_dot_g
+        + one_minus_b * one_minus_b * s,
+        0.0,
     )
+    grad_var = sq_norm_ema / dz - new_ema_sq / (dz * dz)
     grad_var = jnp.maximum(grad_var, eps)
     norm_ema = ema(state.norm_ema, jnp.sqrt(s))
     dist_ema = ema(state.dist_ema, norm_ema / (sq_norm_ema + eps))
