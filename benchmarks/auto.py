@@ -2,8 +2,14 @@
 
 Usage::
 
-    nice -n 10 python -m benchmarks.auto            # the study (~30 min, 2 cores)
-    python -m benchmarks.auto --quick               # 1-minute smoke
+    nice -n 10 python -m benchmarks.auto            # round 1: levers alone
+    nice -n 10 python -m benchmarks.auto --profile round2   # guard combos
+    nice -n 10 python -m benchmarks.auto --profile round3   # guard settings
+    python -m benchmarks.auto --merge DIR ... --out results/auto
+    python -m benchmarks.auto --quick               # ~25 s smoke
+
+(notes/auto.md has the exact commands and timings: ~16 min wall in all with
+each round split over two concurrent processes by ``--tasks``.)
 
 Long runs (1500-2000 steps; the late-training step growth needs them) of
 YellowFin, each lever of ``yellowfin_auto`` alone, their combinations, and
@@ -18,8 +24,8 @@ speedup vs tuned Adam and vs tuned SGD (paper protocol,
 divergences, as median [min, max] over seeds. Writes ``results.json``,
 ``results.md`` and per-task PNGs to ``--out`` (default ``results/auto``).
 
-The step-growth guard (lever d) is not a library option: it is built here
-from the library's pieces by :func:`step_growth_guard`.
+The step-growth guard (lever d) is the library's ``max_step_growth`` option
+(first measured here as a wrapper, then moved into ``yellowfin_tuner``).
 """
 
 from __future__ import annotations
@@ -30,10 +36,9 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -65,7 +70,13 @@ PROFILES: dict[str, dict[str, Any]] = {
                         'shakespeare_lstm': 1500}, seeds=3, variants=FULL),
     'round2': dict(tasks={'digits_cnn': 1200, 'mnist1d_cnn': 2000,
                           'shakespeare_lstm': 1500}, seeds=3, variants=ROUND2),
-    'quick': dict(tasks={'digits_linear': 300}, seeds=2, variants=None),
+    'round3': dict(tasks={'digits_cnn': 1200, 'mnist1d_cnn': 2000,
+                          'shakespeare_lstm': 1500}, seeds=3,
+                   variants=('guard_g1.5', 'guard_g4', 'guard_a400', 'adam',
+                             'momentum_sgd')),
+    'quick': dict(tasks={'digits_linear': 300}, seeds=2,
+                  variants=('yellowfin', 'q0.25', 'debias', 'cosine', 'guard',
+                            'guard_cosine', 'adam', 'momentum_sgd')),
     # For tests/test_auto.py: the same code path, tiny.
     'smoke': dict(tasks={'digits_linear': 40}, seeds=2,
                   variants=('yellowfin', 'guard', 'adam')),
@@ -77,61 +88,16 @@ GUARD_GROWTH = 2.0
 GUARD_ANCHOR_STEP = 200
 
 
-class GuardState(NamedTuple):
-  """State of :func:`step_growth_guard`: the tuner's, and the anchor."""
-
-  tuner: Any
-  anchor: jax.Array
-
-  @property
-  def learning_rate(self) -> jax.Array:
-    return self.tuner.learning_rate
-
-  @property
-  def momentum(self) -> jax.Array:
-    return self.tuner.momentum
-
-
-def step_growth_guard(
-    tuner: optax.GradientTransformation, *, growth: float = GUARD_GROWTH,
-    anchor_step: int = GUARD_ANCHOR_STEP,
-    lr_factor: Any = 1.0,
-) -> optax.GradientTransformation:
-  """Caps the effective step ``lr / (1 - mu)`` at ``growth`` x its value at
-  ``anchor_step`` (lever d), then applies ``lr_factor`` (scalar or schedule).
-
-  ``tuner`` must be built with ``lr_factor=1`` so the guard sees the tuned
-  effective step, not the decayed one.
-  """
-
-  def init_fn(params):
-    return GuardState(tuner.init(params), jnp.zeros([], jnp.float32))
-
-  def update_fn(updates, state, params=None):
-    updates, ts = tuner.update(updates, state.tuner, params)
-    t = state.tuner.statistics.step
-    lr, mu = ts.learning_rate, ts.momentum
-    eff = lr / (1.0 - mu)
-    anchor = jnp.where(t == anchor_step, eff, state.anchor)
-    cap = jnp.where(anchor > 0, growth * anchor, jnp.inf)
-    lr = jnp.where(eff > cap, cap * (1.0 - mu), lr)
-    factor = lr_factor(t) if callable(lr_factor) else lr_factor
-    ts = ts._replace(learning_rate=jnp.asarray(lr * factor, jnp.float32))
-    return updates, GuardState(ts, anchor)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 def guarded_yellowfin(
-    total_steps: int | None = None, **options: Any
+    total_steps: int | None = None, *, growth: float = GUARD_GROWTH,
+    anchor_step: int = GUARD_ANCHOR_STEP, **options: Any
 ) -> optax.GradientTransformation:
-  """``yellowfin(**options)`` with :func:`step_growth_guard` (and a cosine
-  ``lr_factor`` over ``total_steps`` if given), from the library's pieces."""
-  factor = (optax.cosine_decay_schedule(1.0, total_steps)
-            if total_steps is not None else 1.0)
-  tuner = _alias.yellowfin_tuner_from_options(**options)
-  return yf.skip_nonfinite(
-      yf.tuned_momentum(step_growth_guard(tuner, lr_factor=factor)))
+  """``yellowfin(**options)`` with the effective-step guard (lever d) and, if
+  ``total_steps`` is given, a cosine ``lr_factor`` over it."""
+  if total_steps is not None:
+    options['lr_factor'] = optax.cosine_decay_schedule(1.0, total_steps)
+  return yf.yellowfin(max_step_growth=growth, step_growth_anchor=anchor_step,
+                      **options)
 
 
 def variants(steps: int) -> dict[str, tuple[str, _optimizers.OptimizerSpec]]:
@@ -172,6 +138,12 @@ def variants(steps: int) -> dict[str, tuple[str, _optimizers.OptimizerSpec]]:
       'prov_auto_T': yfs(
           lambda: yf.yellowfin(lr_factor=cosine, **PROVISIONAL),
           'provisional auto with T: q=0.25 + debiased smoothing + cosine'),
+      'guard_g1.5': yfs(lambda: guarded_yellowfin(growth=1.5),
+                        'guard (d) with growth 1.5'),
+      'guard_g4': yfs(lambda: guarded_yellowfin(growth=4.0),
+                      'guard (d) with growth 4'),
+      'guard_a400': yfs(lambda: guarded_yellowfin(anchor_step=400),
+                        'guard (d) anchored at step 400'),
       'guard_cosine': yfs(lambda: guarded_yellowfin(steps),
                           'guard (d) + cosine (a)'),
       'guard_debias': yfs(lambda: guarded_yellowfin(None, **DEBIAS),
@@ -305,7 +277,7 @@ def diagnosis(rec: dict[str, Any]) -> dict[str, dict[str, float]]:
   DIAG_FROM / the one at DIAG_FROM; ``eff_max``: the largest.
   """
   out = {}
-  i0 = DIAG_FROM // rec['log_every']
+  i0 = min(DIAG_FROM, rec['steps'] // 2) // rec['log_every']
   for v, lg in rec['logs'].items():
     if 'h_min' not in lg:
       continue
@@ -370,10 +342,12 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     every = rec['log_every']
     ax = axes[0, 0]
-    for v, lg in rec['logs'].items():
+    colors = plt.cm.tab20(np.linspace(0, 1, max(len(rec['logs']), 2)))
+    for (v, lg), color in zip(rec['logs'].items(), colors):
       sm = np.asarray(lg['smoothed_loss_median'])
       style = '-' if v in STAT_VARIANTS + ('adam', 'momentum_sgd') else ':'
-      ax.plot(np.arange(len(sm)) * every, sm, style, label=v, lw=1.2)
+      ax.plot(np.arange(len(sm)) * every, sm, style, label=v, lw=1.2,
+              color=color)
     ax.set_yscale('log')
     ax.set_title(f'{tname}: smoothed train loss (median of seeds)')
     ax.set_xlabel('step')

@@ -92,6 +92,15 @@ def _quadratic_grads(tx, steps):
   return out
 
 
+def _base_lr(h, smoothed):
+  """The tuned learning rate before ``lr_factor``: smoothed or instantaneous."""
+  return h['lr'] if smoothed else h['lr_t']
+
+
+_AUTO_SMOOTHED = yf._alias.AUTO_DEFAULTS.get(  # pylint: disable=protected-access
+    'smoothed_hyperparams', False)
+
+
 def test_auto_total_steps_applies_cosine_of_step():
   total = 30
   hp = _quadratic_grads(yf.yellowfin_auto(total_steps=total), total + 5)
@@ -99,27 +108,30 @@ def test_auto_total_steps_applies_cosine_of_step():
   for h in hp[1:]:
     t = int(h['step']) - 1  # the step the update was made at
     assert h['learning_rate'] == pytest.approx(
-        h['lr'] * float(cosine(t)), rel=1e-5, abs=1e-12)
+        _base_lr(h, _AUTO_SMOOTHED) * float(cosine(t)), rel=1e-5, abs=1e-12)
   assert hp[-1]['learning_rate'] == 0.0  # past total_steps
-  assert hp[total // 2]['learning_rate'] < 0.7 * hp[total // 2]['lr']
+  mid = hp[total // 2]
+  assert mid['learning_rate'] < 0.7 * _base_lr(mid, _AUTO_SMOOTHED)
 
 
 def test_auto_without_total_steps_has_no_decay():
   hp = _quadratic_grads(yf.yellowfin_auto(), 40)
   for h in hp[1:]:
-    assert h['learning_rate'] == pytest.approx(h['lr'], rel=1e-6)
-    assert h['momentum'] == pytest.approx(h['mu'], abs=1e-7)
+    assert h['learning_rate'] == pytest.approx(_base_lr(h, _AUTO_SMOOTHED),
+                                               rel=1e-6)
   assert hp[-1]['learning_rate'] > 0.0
 
 
-def test_auto_defaults_are_applied_and_overridable():
-  for key, value in yf._alias.AUTO_DEFAULTS.items():  # pylint: disable=protected-access
-    assert key in ('h_min_quantile', 'smoothed_hyperparams', 'debias_smoothed',
-                   'curvature_window', 'beta')
-    del value
-  # An option overrides the default: with smoothing off, lr_t is applied.
-  hp = _quadratic_grads(yf.yellowfin_auto(smoothed_hyperparams=False), 10)
-  assert hp[-1]['learning_rate'] == pytest.approx(hp[-1]['lr_t'], rel=1e-6)
+def test_auto_is_yellowfin_with_auto_defaults_and_options_override():
+  defaults = yf._alias.AUTO_DEFAULTS  # pylint: disable=protected-access
+  a = _quadratic_grads(yf.yellowfin_auto(), 25)
+  b = _quadratic_grads(yf.yellowfin(**defaults), 25)
+  assert a == b  # same trajectory, bit for bit
+  # Options override the defaults: smoothing on applies the smoothed lr.
+  hp = _quadratic_grads(yf.yellowfin_auto(smoothed_hyperparams=True,
+                                          debias_smoothed=True), 25)
+  assert hp[-1]['learning_rate'] == pytest.approx(hp[-1]['lr'], rel=1e-6)
+  assert hp[-1]['learning_rate'] != pytest.approx(hp[-1]['lr_t'], rel=1e-3)
 
 
 def test_yellowfin_is_unchanged_by_the_auto_options():
@@ -134,10 +146,9 @@ def test_yellowfin_is_unchanged_by_the_auto_options():
 
 
 def test_step_growth_guard_caps_effective_step_after_anchor():
-  tuner = yf.yellowfin_tuner(yf.gradient_statistics(curvature_window=3),
-                             curvature_window=3)
-  tx = yf.tuned_momentum(auto.step_growth_guard(tuner, growth=1.0,
-                                                anchor_step=4))
+  tx = yf.tuned_momentum(yf.yellowfin_tuner(
+      yf.gradient_statistics(curvature_window=3), curvature_window=3,
+      max_step_growth=1.0, step_growth_anchor=4))
   free = yf.tuned_momentum(yf.yellowfin_tuner(
       yf.gradient_statistics(curvature_window=3), curvature_window=3))
   # Shrinking gradients: the free effective step grows, the guarded one
@@ -167,5 +178,8 @@ def test_auto_benchmark_smoke(tmp_path):
                                 rec['logs']['yellowfin']['loss'])
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert saved['tasks']['digits_linear']['steps'] == rec['steps']
-  assert (tmp_path / 'results.md').read_text().count('| yellowfin |') == 1
+  md = (tmp_path / 'results.md').read_text()
+  assert md.count('| yellowfin |') == 2  # results row and diagnosis row
+  assert set(rec['diagnosis']) == {'yellowfin', 'guard'}
+  assert 0.0 <= rec['diagnosis']['yellowfin']['cubic_binds'] <= 1.0
   assert (tmp_path / 'digits_linear.png').stat().st_size > 1000

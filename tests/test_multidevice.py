@@ -116,9 +116,9 @@ def _assert_close(got, want, what: str):
     b = np.asarray(b, np.float64)
     assert a.shape == b.shape, (what, jax.tree_util.keystr(path))
     scale = np.max(np.abs(a)) if a.size else 0.0
-    if 'momentum_offset' in jax.tree_util.keystr(path):
-      # The closed loop's correction is a small difference of momenta: compare
-      # it in momentum units.
+    if 'momentum' in jax.tree_util.keystr(path):
+      # Momenta (the closed loop's correction, a measured ratio of float32
+      # differences) are compared in momentum units.
       scale = max(scale, 1.0)
     err = np.max(np.abs(a - b)) if a.size else 0.0
     assert err <= RTOL * scale + 1e-30, (

@@ -154,6 +154,8 @@ class YellowFinTunerState(NamedTuple):
     learning_rate: learning rate to apply at this step (after ``lr_factor`` and
       the catastrophic-move cap).
     momentum: momentum to apply at this step.
+    effective_step_anchor: the effective step ``lr / (1 - mu)`` at step
+      ``step_growth_anchor`` (0 before it; only with ``max_step_growth``).
   """
 
   statistics: _statistics.GradientStatisticsState
@@ -163,6 +165,7 @@ class YellowFinTunerState(NamedTuple):
   mu: jax.Array
   learning_rate: jax.Array
   momentum: jax.Array
+  effective_step_anchor: jax.Array
 
 
 def yellowfin_tuner(
@@ -178,6 +181,8 @@ def yellowfin_tuner(
     catastrophic_move_threshold: jax.typing.ArrayLike = 100.0,
     eps: float = 1e-6,
     debias_smoothed: bool = False,
+    max_step_growth: float | None = None,
+    step_growth_anchor: int = 200,
 ) -> optax.GradientTransformation:
   r"""Tunes YellowFin's learning rate and momentum from measured statistics.
 
@@ -215,6 +220,14 @@ def yellowfin_tuner(
       once). The reference's smoothing starts from the initial ``1e-4`` and
       never debiases, which lags for ~``1/(1-beta)`` steps (beyond the
       reference; see BUILD_NOTES.md).
+    max_step_growth: ``None`` (the reference) or a cap ``g``: from step
+      ``step_growth_anchor`` on, the effective step ``lr / (1 - mu)`` (before
+      ``lr_factor``) may not exceed ``g`` times its value at that step; the
+      learning rate is lowered to meet it. Late in training ``h_min`` follows
+      near-empty minibatches down and the effective step grows like
+      ``h_min^(-1/3)``; this stops that growth (beyond the reference; see
+      BUILD_NOTES.md).
+    step_growth_anchor: the step whose effective step anchors the cap.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`YellowFinTunerState`.
@@ -243,6 +256,8 @@ def yellowfin_tuner(
       'catastrophic_move_threshold', catastrophic_move_threshold, 0.0,
       low_open=True,
   )
+  _checks.check_range('max_step_growth', max_step_growth, 1.0)
+  _checks.check_int('step_growth_anchor', step_growth_anchor, 1)
 
   def init_fn(params):
     lr0 = jnp.asarray(learning_rate, jnp.float32)
@@ -250,6 +265,7 @@ def yellowfin_tuner(
     return YellowFinTunerState(
         statistics=statistics.init(params),
         lr_t=lr0, mu_t=mu0, lr=lr0, mu=mu0, learning_rate=lr0, momentum=mu0,
+        effective_step_anchor=jnp.zeros([], jnp.float32),
     )
 
   def update_fn(updates, state, params=None):
@@ -270,6 +286,14 @@ def yellowfin_tuner(
     mu = jnp.where(tuning, state.mu + rate * (mu_t - state.mu), state.mu)
 
     lr_applied, mu_applied = (lr, mu) if smoothed_hyperparams else (lr_t, mu_t)
+    anchor = state.effective_step_anchor
+    if max_step_growth is not None:
+      effective = lr_applied / (1.0 - mu_applied)
+      anchor = jnp.where(t == step_growth_anchor, effective, anchor)
+      cap = jnp.where(anchor > 0, max_step_growth * anchor, jnp.inf)
+      lr_applied = jnp.where(
+          effective > cap, cap * (1.0 - mu_applied), lr_applied
+      )
     factor = lr_factor(t) if callable(lr_factor) else lr_factor
     lr_applied = lr_applied * factor
     if adaptive_clipping:
@@ -282,6 +306,7 @@ def yellowfin_tuner(
     return updates, YellowFinTunerState(
         statistics=stats, lr_t=f32(lr_t), mu_t=f32(mu_t), lr=f32(lr),
         mu=f32(mu), learning_rate=f32(lr_applied), momentum=f32(mu_applied),
+        effective_step_anchor=f32(anchor),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
