@@ -310,7 +310,6 @@ def bench_update(opts, shapes, reps, label, compare_hlo_dir=None):
 def bench_model(opts, reps, batch=128):
   """Full train step of a Flax MLP: forward + backward + update."""
   import jax
-  import jax.numpy as jnp
   import optax
   from flax import linen as nn
 

@@ -63,7 +63,7 @@ def test_sampled_coordinates_are_uniform_and_fixed():
 
 
 def test_sampled_median_estimates_the_median_of_a_large_model():
-  """100k coordinates, 16384 sampled: the estimate is the known momentum."""
+  """100k coordinates, 4096 sampled: the estimate is the known momentum."""
   tx = yf.total_momentum(optax.sgd(0.01, momentum=0.6), learning_rate=0.01)
   h = jnp.linspace(1.0, 20.0, 100_000)
   x = jnp.ones_like(h)

@@ -227,3 +227,15 @@ def test_closed_loop_bad_configuration():
     yf.closed_loop_yellowfin(gain=-0.1)
   with pytest.raises(TypeError, match='Unknown YellowFin option'):
     yf.closed_loop_yellowfin(curvature_windw=10)
+
+
+@pytest.mark.parametrize('make', [yf.yellowfin, lambda: yf.closed_loop_yellowfin(staleness=2)])
+def test_state_from_eager_init_can_be_donated(make):
+  """No two state leaves share a buffer (XLA refuses to donate one twice)."""
+  tx = make()
+  state = tx.init(PARAMS)
+  leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+  assert len({id(x) for x in leaves}) == len(leaves)
+  step = jax.jit(tx.update, donate_argnums=1)
+  for t in range(2):
+    _, state = step(grads_at(t), state, PARAMS)

@@ -197,22 +197,24 @@ def gradient_statistics(
   _checks.check_range('h_min_quantile', h_min_quantile, 0.0, 1.0, high_open=True)
 
   def init_fn(params: optax.Params) -> GradientStatisticsState:
-    zero = jnp.zeros([], jnp.float32)
+    # A fresh array per field: one array shared by several leaves cannot be
+    # donated (jit(..., donate_argnums) of the state fails on the first call).
+    zero = lambda: jnp.zeros([], jnp.float32)
     return GradientStatisticsState(
         step=jnp.zeros([], jnp.int32),
         grad_ema=optax.tree.zeros_like(params, dtype=jnp.float32),
-        sq_norm_ema=zero,
-        norm_ema=zero,
-        dist_ema=zero,
+        sq_norm_ema=zero(),
+        norm_ema=zero(),
+        dist_ema=zero(),
         sq_norm_window=jnp.zeros([curvature_window], jnp.float32),
-        h_min_ema=zero,
-        h_max_ema=zero,
-        sparsity_ema=zero,
-        grad_sq_norm=zero,
-        h_min=zero,
-        h_max=zero,
-        grad_var=zero,
-        dist_to_opt=zero,
+        h_min_ema=zero(),
+        h_max_ema=zero(),
+        sparsity_ema=zero(),
+        grad_sq_norm=zero(),
+        h_min=zero(),
+        h_max=zero(),
+        grad_var=zero(),
+        dist_to_opt=zero(),
         sparsity=jnp.ones([], jnp.float32),
         grad_scale=jnp.ones([], jnp.float32),
     )

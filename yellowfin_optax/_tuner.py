@@ -260,11 +260,13 @@ def yellowfin_tuner(
   _checks.check_int('step_growth_anchor', step_growth_anchor, 1)
 
   def init_fn(params):
-    lr0 = jnp.asarray(learning_rate, jnp.float32)
-    mu0 = jnp.asarray(momentum, jnp.float32)
+    # Fresh arrays per field: a shared one could not be donated.
+    lr0 = lambda: jnp.array(learning_rate, jnp.float32)
+    mu0 = lambda: jnp.array(momentum, jnp.float32)
     return YellowFinTunerState(
         statistics=statistics.init(params),
-        lr_t=lr0, mu_t=mu0, lr=lr0, mu=mu0, learning_rate=lr0, momentum=mu0,
+        lr_t=lr0(), mu_t=mu0(), lr=lr0(), mu=mu0(), learning_rate=lr0(),
+        momentum=mu0(),
         effective_step_anchor=jnp.zeros([], jnp.float32),
     )
 
