@@ -65,6 +65,10 @@ def registry(grid_points: int = 5) -> dict[str, OptimizerSpec]:
       'yellowfin': OptimizerSpec(
           lambda lr: yf.yellowfin(), None, 'yellowfin',
           'YellowFin, library defaults, no tuning', log_hyperparams=True),
+      'yellowfin_auto': OptimizerSpec(
+          lambda lr: yf.yellowfin_auto(), None, 'yellowfin',
+          'yellowfin_auto() (total_steps=None: the effective-step guard)',
+          log_hyperparams=True),
       'adam': OptimizerSpec(
           lambda lr: optax.adam(lr), adam_grid, 'tuned',
           'Adam, lr grid-searched'),

@@ -8,7 +8,7 @@ Usage::
     python -m benchmarks.auto --merge DIR ... --out results/auto
     python -m benchmarks.auto --quick               # ~25 s smoke
 
-(notes/auto.md has the exact commands and timings: ~16 min wall in all with
+(BUILD_NOTES.md section 11 has the exact commands and timings: ~16 min wall in all with
 each round split over two concurrent processes by ``--tasks``.)
 
 Long runs (1500-2000 steps; the late-training step growth needs them) of

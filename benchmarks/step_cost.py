@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 # Hand count of parameter-size buffers each optimizer must read + write per
-# step (float32, 4 bytes each). See notes/step_cost.md for the derivation.
+# step (float32, 4 bytes each). See BUILD_NOTES.md section 9 for the derivation.
 #   sgd+momentum: read g, v; write v, u.
 #   adam: read g, m, v; write m, v, u.
 #   yellowfin: the clip factor needs ||g||^2 before any element of m or v can

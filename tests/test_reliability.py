@@ -273,7 +273,7 @@ def test_gradient_spike_recovers(spike_len):
   assert finite.all() and skipped[-1] == 0
   pre = lr[start - 1]
   after = lr[start + spike_len:start + spike_len + 500]
-  # Measured (notes/reliability.md): the adaptive clips keep lr inside the
+  # Measured (BUILD_NOTES.md section 7): the adaptive clips keep lr inside the
   # band at every step, i.e. recovery takes 0 steps.
   assert after.min() >= pre / 2 and after.max() <= 2 * pre, (
       after.min() / pre, after.max() / pre,

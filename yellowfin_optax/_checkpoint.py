@@ -90,11 +90,10 @@ def check_state_compatible(
   Examples:
     >>> import jax.numpy as jnp
     >>> import yellowfin_optax as yf
-    >>> from yellowfin_optax._checkpoint import check_state_compatible
     >>> params = jnp.zeros(3)
     >>> state = yf.yellowfin(curvature_window=20).init(params)
-    >>> check_state_compatible(yf.yellowfin(curvature_window=20), params, state)
-    >>> check_state_compatible(yf.yellowfin(curvature_window=10), params, state)
+    >>> yf.check_state_compatible(yf.yellowfin(curvature_window=20), params, state)
+    >>> yf.check_state_compatible(yf.yellowfin(curvature_window=10), params, state)
     Traceback (most recent call last):
     ...
     ValueError: ... inner.tuner.statistics.sq_norm_window: saved shape (20,) float32, expected shape (10,) float32...
@@ -145,6 +144,16 @@ def save_state(directory: str | os.PathLike[str], state: Any) -> None:
     directory: where to write the checkpoint (made absolute); it must not
       exist yet.
     state: the optimizer state (any pytree of arrays).
+
+  Examples:
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp
+    >>> import yellowfin_optax as yf
+    >>> state = yf.yellowfin().init(jnp.zeros(3))
+    >>> path = os.path.join(tempfile.mkdtemp(), 'opt_state')
+    >>> yf.save_state(path, state)
+    >>> sorted(os.listdir(path))[:1]
+    ['_CHECKPOINT_METADATA']
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -181,13 +190,12 @@ def restore_state(
     >>> import tempfile, os
     >>> import jax.numpy as jnp
     >>> import yellowfin_optax as yf
-    >>> from yellowfin_optax._checkpoint import restore_state, save_state
     >>> params = jnp.zeros(3)
     >>> tx = yf.yellowfin()
     >>> _, state = tx.update(jnp.ones(3), tx.init(params), params)
     >>> path = os.path.join(tempfile.mkdtemp(), 'opt_state')
-    >>> save_state(path, state)
-    >>> restored = restore_state(path, tx, params)
+    >>> yf.save_state(path, state)
+    >>> restored = yf.restore_state(path, tx, params)
     >>> print(int(yf.hyperparams(restored)['step']))
     1
   """

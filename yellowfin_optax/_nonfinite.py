@@ -61,7 +61,7 @@ def all_finite(tree: Any) -> jax.Array:
     # per leaf tells whether all entries are finite (and cannot overflow).
     # XLA:CPU runs it as one vectorized reduction; jnp.all(jnp.isfinite(x))
     # writes a boolean array and reduces it in a chain of four reduce-windows
-    # (notes/step_cost.md).
+    # (BUILD_NOTES.md section 9).
     zero = sum(jnp.sum(x - x, dtype=jnp.float32) for x in arrays)
     finite = finite & jnp.isfinite(zero)
   return jnp.asarray(finite)
@@ -150,7 +150,7 @@ def skip_nonfinite(
     # the tuned scalars are (momentum SGD only scales and adds them), so only
     # narrower ones (float16 / bfloat16 traces can overflow) are checked:
     # checking float32 ones costs a pass that must end before the final
-    # selects can write anything (notes/step_cost.md).
+    # selects can write anything (BUILD_NOTES.md section 9).
     narrow = [
         u for u in jax.tree.leaves(new_updates)
         if jnp.issubdtype(jnp.result_type(u), jnp.floating)

@@ -238,7 +238,7 @@ def gradient_statistics(
     # EMA, so every scalar is known before any parameter-size output is
     # written, and XLA writes the new EMA once, in its final form (after
     # skip_nonfinite's select), instead of writing it, reducing it, and
-    # rewriting it (notes/step_cost.md).
+    # rewriting it (BUILD_NOTES.md section 9).
     ema_sq = optax.tree.norm(state.grad_ema, squared=True)
     ema_dot_g = tree_dot(state.grad_ema, g32)
     scale = jnp.ones([], jnp.float32)

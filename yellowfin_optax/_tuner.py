@@ -257,7 +257,7 @@ def yellowfin_tuner(
       low_open=True,
   )
   _checks.check_range('max_step_growth', max_step_growth, 1.0)
-  _checks.check_int('step_growth_anchor', step_growth_anchor, 1)
+  _checks.check_range('step_growth_anchor', step_growth_anchor, 1)
 
   def init_fn(params):
     # Fresh arrays per field: a shared one could not be donated.
