@@ -49,7 +49,9 @@ MAX_GRID_EXTENSIONS = 3
 
 # (A, B): the speedup of A over B is reported.
 BASE_COMPARISONS = (('yellowfin', 'adam'), ('yellowfin', 'momentum_sgd'),
-                    ('momentum_sgd', 'adam'))
+                    ('momentum_sgd', 'adam'), ('yellowfin_auto', 'adam'),
+                    ('yellowfin_auto', 'momentum_sgd'),
+                    ('yellowfin_auto', 'yellowfin'))
 
 
 def _window(steps: int) -> int:
