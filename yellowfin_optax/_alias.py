@@ -249,15 +249,14 @@ def yellowfin_auto(
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import yellowfin_optax as yf
-    >>> loss = lambda x: jnp.sum(jnp.array([1.0, 10.0]) * x**2)
     >>> tx = yf.yellowfin_auto(total_steps=1000)
-    >>> params = jnp.array([1.0, 1.0])
-    >>> state = tx.init(params)
-    >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
-    >>> for _ in range(1000):
-    ...   updates, state = step(params, state)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print(bool(loss(params) < 1e-3))
+    >>> state = tx.init(jnp.zeros(2))
+    >>> step = jax.jit(tx.update)
+    >>> for _ in range(300):
+    ...   _, state = step(jnp.array([1.0, -2.0]), state)
+    >>> hp = yf.hyperparams(state)
+    >>> schedule = optax.cosine_decay_schedule(1.0, 1000)
+    >>> print(bool(jnp.isclose(hp['learning_rate'], hp['lr_t'] * schedule(299))))
     True
   """
   if total_steps is not None:

@@ -120,6 +120,14 @@ def _as_runs(data: Any, default_label: str) -> dict[str, Any]:
   return {default_label: data}
 
 
+def _solid_and_dashed(ax, runs, color_of, solid, dashed):
+  """Plots each run's ``solid`` and ``dashed`` ``(key, label)`` series."""
+  for name, h in runs.items():
+    for (key, label), style in ((solid, {}), (dashed, dict(ls='--', alpha=0.7))):
+      if key in h:
+        ax.plot(h[key], color=color_of[name], label=f'{name}: {label}', **style)
+
+
 def plot_training(
     history: History | Mapping[str, History] | None,
     losses: Any = None,
@@ -232,36 +240,23 @@ def plot_training(
       if loss_log_scale:
         ax.set_yscale('log')
     elif panel == 'learning_rate':
-      for name, h in runs.items():
-        if 'learning_rate' in h:
-          ax.plot(h['learning_rate'], color=color_of[name],
-                  label=f'{name}: applied')
-        if 'lr' in h:
-          ax.plot(h['lr'], color=color_of[name], ls='--', alpha=0.7,
-                  label=f'{name}: smoothed')
+      _solid_and_dashed(ax, runs, color_of, ('learning_rate', 'applied'),
+                        ('lr', 'smoothed'))
       ax.set_title('learning rate')
       ax.set_ylabel('learning rate (log)')
       ax.set_yscale('log')
     elif panel == 'momentum':
+      _solid_and_dashed(ax, runs, color_of, ('momentum', 'applied'),
+                        ('mu', 'smoothed'))
       for name, h in runs.items():
-        if 'momentum' in h:
-          ax.plot(h['momentum'], color=color_of[name],
-                  label=f'{name}: applied')
-        if 'mu' in h:
-          ax.plot(h['mu'], color=color_of[name], ls='--', alpha=0.7,
-                  label=f'{name}: smoothed')
         if 'total_momentum' in h:
           ax.plot(h['total_momentum'], color=color_of[name], ls=':',
                   label=f'{name}: measured total')
       ax.set_title('momentum')
       ax.set_ylabel('momentum')
     else:
-      for name, h in runs.items():
-        if 'h_max' in h:
-          ax.plot(h['h_max'], color=color_of[name], label=f'{name}: h_max')
-        if 'h_min' in h:
-          ax.plot(h['h_min'], color=color_of[name], ls='--',
-                  label=f'{name}: h_min')
+      _solid_and_dashed(ax, runs, color_of, ('h_max', 'h_max'),
+                        ('h_min', 'h_min'))
       ax.set_title('curvature range')
       ax.set_ylabel('h_min, h_max (log)')
       ax.set_yscale('log')
