@@ -84,6 +84,7 @@ def skip_nonfinite(
     inner: optax.GradientTransformation,
     *,
     on_nonfinite: str = 'skip',
+    check_gradients: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Applies ``inner`` only on steps whose gradients and outputs are finite.
 
@@ -109,6 +110,11 @@ def skip_nonfinite(
       host callback per step even with them off: use it for debugging, not
       production. ``'propagate'``: return ``inner`` unwrapped, with no check
       and no cost (its state then has no ``skipped_steps``).
+    check_gradients: check the incoming gradients too. ``False`` saves a
+      reduction over them when ``inner``'s state already holds a scalar that
+      is non-finite exactly when they are: YellowFin's ``grad_sq_norm``
+      (``||g||^2``), which :func:`yellowfin` and
+      :func:`closed_loop_yellowfin` rely on.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -156,7 +162,9 @@ def skip_nonfinite(
         if jnp.issubdtype(jnp.result_type(u), jnp.floating)
         and jnp.finfo(jnp.result_type(u)).bits < 32
     ]
-    ok = all_finite(updates) & all_finite(scalars) & all_finite(narrow)
+    ok = all_finite(scalars) & all_finite(narrow)
+    if check_gradients:
+      ok &= all_finite(updates)
     if on_nonfinite == 'raise_in_debug':
       jax.debug.callback(_raise_if_bad, ok)
     new_updates = jax.tree.map(
