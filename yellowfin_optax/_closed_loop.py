@@ -103,7 +103,8 @@ def sample_coordinates(
   if samples is None or samples >= total:
     flat = np.arange(total)
   else:
-    flat = np.sort(np.random.default_rng(seed).choice(total, samples, replace=False))
+    rng = np.random.default_rng(seed)
+    flat = np.sort(rng.choice(total, samples, replace=False))
   offsets = np.cumsum([0] + sizes)
   return [
       np.unravel_index(flat[(flat >= lo) & (flat < hi)] - lo, shape)
@@ -205,7 +206,9 @@ def total_momentum(
   if median_samples is not None:
     _checks.check_int('median_samples', median_samples, 1)
   if estimator not in ESTIMATORS:
-    raise ValueError(f'estimator must be one of {ESTIMATORS}, got {estimator!r}.')
+    raise ValueError(
+        f'estimator must be one of {ESTIMATORS}, got {estimator!r}.'
+    )
   inner = optax.with_extra_args_support(inner)
   size = staleness + 1
 
@@ -216,7 +219,9 @@ def total_momentum(
         measured=jnp.zeros([], jnp.int32),
         count=jnp.zeros([], jnp.int32),
         past_updates=jax.tree.map(
-            lambda p: jnp.broadcast_to(jnp.zeros_like(p)[None], (size,) + jnp.shape(p)),
+            lambda p: jnp.broadcast_to(
+                jnp.zeros_like(p)[None], (size,) + jnp.shape(p)
+            ),
             params,
         ),
         past_step_sizes=jnp.zeros([size], jnp.float32),
@@ -227,19 +232,24 @@ def total_momentum(
         updates, state.inner, params, **extra_args
     )
     if learning_rate is None:
-      found = _hyperparams.find_scalars(inner_state, ('learning_rate', 'grad_scale'))
+      found = _hyperparams.find_scalars(
+          inner_state, ('learning_rate', 'grad_scale')
+      )
       step_size = found['learning_rate'] * found.get('grad_scale', 1.0)
     else:
       step_size = jnp.asarray(learning_rate, jnp.float32)
 
     t = state.count
     slot = t % size  # holds x_{t-tau} - x_{t-tau-1}: read, then overwritten.
-    previous = jax.tree.map(lambda b: b[slot].astype(jnp.float32), state.past_updates)
+    past = lambda i: jax.tree.map(
+        lambda b: b[i].astype(jnp.float32), state.past_updates
+    )
+    previous = past(slot)
     if staleness == 0:
       latest, latest_size = optax.tree.cast(new_updates, jnp.float32), step_size
     else:
       newer = (t - staleness) % size
-      latest = jax.tree.map(lambda b: b[newer].astype(jnp.float32), state.past_updates)
+      latest = past(newer)
       latest_size = state.past_step_sizes[newer]
 
     numerator = jax.tree.map(
@@ -248,8 +258,9 @@ def total_momentum(
     if estimator == 'median':
       # The ratio at a fixed sample of coordinates: gathers of a few
       # thousand entries instead of passes over every parameter.
-      where = sample_coordinates([jnp.shape(x) for x in jax.tree.leaves(previous)],
-                                 median_samples)
+      where = sample_coordinates(
+          [jnp.shape(x) for x in jax.tree.leaves(previous)], median_samples
+      )
       take = lambda tree: [_gather(jnp.atleast_1d(x), idx) for x, idx in
                            zip(jax.tree.leaves(tree), where)]
       n, d = take(numerator), take(previous)
