@@ -375,3 +375,19 @@ def test_params_structure_mismatch_raises():
   state = tx.init(params)
   with pytest.raises(ValueError, match='gradient and parameter pytrees differ'):
     tx.update(params, state, {'a': jnp.ones(2)})
+
+
+def test_generic_inner_needs_the_gradient_check():
+  """skip_nonfinite around a plain optimizer: only check_gradients sees a NaN
+  gradient whose update would be NaN (yellowfin relies on ||g||^2 instead)."""
+  inner = optax.sgd(0.1, momentum=0.9)
+  grads = jnp.array([1.0, jnp.nan])
+  checked = yf.skip_nonfinite(inner)
+  updates, state = checked.update(grads, checked.init(jnp.zeros(2)))
+  assert int(state.skipped_steps) == 1
+  assert float(jnp.abs(updates).max()) == 0.0
+  # yellowfin() skips without the gradient check: grad_sq_norm is NaN.
+  tx = yf.yellowfin()
+  updates, state = tx.update(grads, tx.init(jnp.zeros(2)))
+  assert int(state.skipped_steps) == 1
+  assert float(jnp.abs(updates).max()) == 0.0
