@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import yellowfin_optax as yf
+from tests._trees import assert_trees_equal
 from yellowfin_optax._checkpoint import check_state_compatible
 from yellowfin_optax._checkpoint import restore_state
 from yellowfin_optax._checkpoint import save_state
@@ -41,16 +42,6 @@ def _train(step, params, state, start, stop):
   return params, state
 
 
-def _assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for (path, x), y in zip(
-      jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
-  ):
-    name = jax.tree_util.keystr(path)
-    assert x.dtype == y.dtype, name
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
-
-
 def test_resume_is_bit_identical(tmp_path):
   n, k = 30, 12
   tx = yf.yellowfin()
@@ -72,8 +63,8 @@ def test_resume_is_bit_identical(tmp_path):
   step2 = jax.jit(lambda p, s, g: tx2.update(g, s, p))
   resumed_params, resumed_state = _train(step2, params_k, restored, k, n)
 
-  _assert_trees_equal(resumed_params, full_params)
-  _assert_trees_equal(resumed_state, full_state)
+  assert_trees_equal(resumed_params, full_params)
+  assert_trees_equal(resumed_state, full_state)
   assert int(full_state.skipped_steps) == 1
 
 
@@ -84,7 +75,7 @@ def test_round_trip_keeps_types_and_bits(tmp_path):
   _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   save_state(tmp_path / 'c', state)
   restored = restore_state(tmp_path / 'c', tx, params)
-  _assert_trees_equal(restored, state)
+  assert_trees_equal(restored, state)
   assert type(restored[1].inner) is yf.TunedMomentumState
 
 

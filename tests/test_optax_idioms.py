@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import yellowfin_optax as yf
+from tests._trees import assert_trees_equal
 
 CURVATURES = jnp.array([1.0, 5.0, 20.0])
 
@@ -30,18 +31,6 @@ def _grad(p, t):
   return {'w': g['w'] + noise, 'b': g['b']}
 
 
-def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    if rtol == 0.0 and atol == 0.0:
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    else:
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                                 atol=atol)
-
-
 def _check_against_hand_composition(tx, prepare, steps=12):
   """``tx`` = chain(piece, yellowfin()); ``prepare`` does the piece by hand."""
   plain = yf.yellowfin()
@@ -52,8 +41,8 @@ def _check_against_hand_composition(tx, prepare, steps=12):
     expected_updates, expected_inner = plain.update(
         prepare(g, params), state[1], params)
     updates, state = tx.update(g, state, params)
-    _assert_trees_equal(updates, expected_updates, rtol=1e-6, atol=1e-9)
-    _assert_trees_equal(state[1], expected_inner, rtol=1e-6, atol=1e-9)
+    assert_trees_equal(updates, expected_updates, rtol=1e-6, atol=1e-9)
+    assert_trees_equal(state[1], expected_inner, rtol=1e-6, atol=1e-9)
     params = optax.apply_updates(params, updates)
   return params, state
 
@@ -84,7 +73,7 @@ def test_chain_with_clip_by_global_norm():
   for t in range(12):
     u, s = builtin.update(_grad(p, t), s, p)
     p = optax.apply_updates(p, u)
-  _assert_trees_equal(p, params, rtol=1e-4, atol=1e-7)
+  assert_trees_equal(p, params, rtol=1e-4, atol=1e-7)
 
 
 def _run(tx, steps, params=None, state=None):
@@ -103,8 +92,8 @@ def test_inject_hyperparams_constant_values_reproduce_plain_exactly():
       yf.yellowfin, static_args=('curvature_window', 'beta', 'eps'))()
   p_inj, s_inj = _run(injected, 25)
   p_plain, s_plain = _run(yf.yellowfin(), 25)
-  _assert_trees_equal(p_inj, p_plain)
-  _assert_trees_equal(s_inj.inner_state, s_plain)
+  assert_trees_equal(p_inj, p_plain)
+  assert_trees_equal(s_inj.inner_state, s_plain)
 
 
 def test_inject_hyperparams_lr_factor_on_the_fly():
@@ -127,7 +116,7 @@ def test_inject_hyperparams_lr_factor_on_the_fly():
   # The tuner itself is unaffected: same lr_t and momentum.
   assert float(hp05['lr_t']) == float(hp1['lr_t'])
   assert float(hp05['momentum']) == float(hp1['momentum'])
-  _assert_trees_equal(u05, jax.tree.map(lambda u: 0.5 * u, u1), rtol=1e-6)
+  assert_trees_equal(u05, jax.tree.map(lambda u: 0.5 * u, u1), rtol=1e-6)
   assert float(s05.hyperparams['lr_factor']) == 0.5
 
 
@@ -144,7 +133,7 @@ def test_inject_hyperparams_beta_on_the_fly():
   # injected value is), applied to the same inner state.
   _, expected = yf.yellowfin(beta=jnp.asarray(0.9, jnp.float32)).update(
       g, state.inner_state, params)
-  _assert_trees_equal(new.inner_state, expected, rtol=1e-6, atol=1e-9)
+  assert_trees_equal(new.inner_state, expected, rtol=1e-6, atol=1e-9)
   h_new, h_old = yf.hyperparams(new), yf.hyperparams(unchanged)
   assert abs(float(h_new['h_max']) - float(h_old['h_max'])) > 1e-3 * float(
       h_old['h_max'])
@@ -219,7 +208,7 @@ def test_multi_transform_gives_each_group_its_own_tuner():
         g['embed'], alone_state['embed'], p['embed'])
     u_r, alone_state['rest'] = alone['rest'].update(
         g['dense'], alone_state['rest'], p['dense'])
-    _assert_trees_equal(updates, {'embed': u_e, 'dense': u_r}, rtol=1e-6,
+    assert_trees_equal(updates, {'embed': u_e, 'dense': u_r}, rtol=1e-6,
                         atol=1e-10)
     p = optax.apply_updates(p, updates)
 
@@ -249,10 +238,10 @@ def test_reduce_on_plateau_chained_after():
     # A loss that never improves: the plateau must fire.
     updates, state = tx.update(g, state, params, value=jnp.asarray(1.0))
     scale = state[1].scale
-    _assert_trees_equal(updates,
+    assert_trees_equal(updates,
                         jax.tree.map(lambda u: scale * u, expected_updates),
                         rtol=1e-6, atol=1e-12)
-    _assert_trees_equal(state[0], expected_inner)
+    assert_trees_equal(state[0], expected_inner)
     params = optax.apply_updates(params, updates)
   assert float(state[1].scale) <= 0.5
   # hyperparams() still finds the tuner inside the chain.

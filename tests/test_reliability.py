@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import yellowfin_optax as yf
+from tests._trees import assert_trees_equal
 from yellowfin_optax import _nonfinite
 
 CURVATURES = jnp.linspace(1.0, 10.0, 10)
@@ -31,17 +32,6 @@ def _grads(params, key, scale=1.0):
       for x, k in zip(leaves, keys)
   ]
   return jax.tree.map(lambda g: scale * g, jax.tree.unflatten(treedef, noisy))
-
-
-def _assert_trees_equal(a, b):
-  """Exact, leaf by leaf, structure and dtypes included."""
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for (path, x), y in zip(
-      jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
-  ):
-    name = jax.tree_util.keystr(path)
-    assert x.dtype == y.dtype, name
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
 
 
 def _all_finite(tree):
@@ -117,7 +107,7 @@ def test_nonfinite_step_is_skipped_bit_identically(bad, leaf):
   updates, new_state = STEP(params, state, g)
   for u in jax.tree.leaves(updates):
     np.testing.assert_array_equal(u, jnp.zeros_like(u))
-  _assert_trees_equal(new_state.inner, state.inner)
+  assert_trees_equal(new_state.inner, state.inner)
   assert int(new_state.skipped_steps) == 1
   assert int(yf.hyperparams(new_state)['skipped_steps']) == 1
   assert int(yf.hyperparams(new_state)['step']) == 5
@@ -139,8 +129,8 @@ def test_skipped_steps_leave_trajectory_unchanged():
     if i not in bad_steps:
       updates, state_b = STEP(params_b, state_b, _grads(params_b, k))
       params_b = optax.apply_updates(params_b, updates)
-  _assert_trees_equal(params_a, params_b)
-  _assert_trees_equal(state_a.inner, state_b.inner)
+  assert_trees_equal(params_a, params_b)
+  assert_trees_equal(state_a.inner, state_b.inner)
   assert int(state_a.skipped_steps) == len(bad_steps)
   assert int(state_b.skipped_steps) == 0
 
@@ -220,7 +210,7 @@ def test_raise_in_debug():
   fn = jax.jit(lambda s, g: tx.update(g, s, params))
   state = tx.init(params)
   # Debug flags off: skips exactly as 'skip' does, without raising.
-  _assert_trees_equal(fn(state, bad), STEP(params, TX.init(params), bad))
+  assert_trees_equal(fn(state, bad), STEP(params, TX.init(params), bad))
   with jax.debug_nans(True):  # read at run time: no retrace needed
     fn(state, good)  # a finite step passes
     with pytest.raises(Exception, match='non-finite gradient or tuner output'):
