@@ -19,6 +19,7 @@ from yellowfin_optax._closed_loop import TotalMomentumState
 from yellowfin_optax._delay import delayed_gradients
 from yellowfin_optax._delay import DelayedGradientsState
 from yellowfin_optax._hyperparams import hyperparams
+from yellowfin_optax._momentum import momentum_updates
 from yellowfin_optax._momentum import tuned_momentum
 from yellowfin_optax._momentum import TunedMomentumState
 from yellowfin_optax._nonfinite import skip_nonfinite
@@ -49,6 +50,7 @@ __all__ = [
     'gradient_statistics',
     'hyperparams',
     'masked_median',
+    'momentum_updates',
     'restore_state',
     'save_state',
     'robust_momentum',

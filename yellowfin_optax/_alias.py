@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -153,8 +154,30 @@ def yellowfin(
           _momentum.tuned_momentum(tuner, nesterov=nesterov),
           on_nonfinite=on_nonfinite,
           check_gradients=False,  # ||g||^2 in the statistics covers them
+          updates_from_state=functools.partial(
+              _updates_from_state, nesterov=nesterov
+          ),
       ),
       axis_name,
+  )
+
+
+def _updates_from_state(
+    grads: optax.Updates,
+    state: _momentum.TunedMomentumState,
+    *,
+    nesterov: bool,
+) -> optax.Updates:
+  """:func:`yellowfin`'s update from the raw gradients and its new state.
+
+  The statistics clipped the gradients by ``grad_scale`` before the trace
+  saw them; the same product in the same dtype gives the same values.
+  """
+  scale = state.tuner.statistics.grad_scale
+  clipped = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+  return _momentum.momentum_updates(
+      clipped, state.trace, state.tuner.learning_rate, state.tuner.momentum,
+      nesterov=nesterov,
   )
 
 

@@ -27,6 +27,48 @@ def offset_momentum(
   return jnp.where(offset == 0.0, momentum, moved)
 
 
+def momentum_updates(
+    grads: optax.Updates,
+    trace: optax.Updates,
+    learning_rate: jax.typing.ArrayLike,
+    momentum: jax.typing.ArrayLike,
+    *,
+    nesterov: bool = False,
+) -> optax.Updates:
+  r"""Torch's momentum-SGD update from the gradient and the *new* trace.
+
+  :math:`u = -\alpha v` (:math:`-\alpha g` while :math:`\mu` is exactly 0),
+  or :math:`u = -\alpha (g + \mu v)` with ``nesterov``, in the gradients'
+  dtypes.
+
+  Args:
+    grads: the gradients that entered the trace this step.
+    trace: the heavy-ball buffer after this step's update.
+    learning_rate: :math:`\alpha`.
+    momentum: :math:`\mu`.
+    nesterov: Nesterov momentum.
+
+  Returns:
+    The updates, to be added to the parameters.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import yellowfin_optax as yf
+    >>> print(yf.momentum_updates(jnp.ones(2), jnp.full(2, 3.0), 0.1, 0.5))
+    [-0.3 -0.3]
+  """
+  if nesterov:
+    direction = jax.tree.map(lambda g, v: g + momentum * v, grads, trace)
+  else:
+    moving = momentum != 0.0
+    direction = jax.tree.map(
+        lambda g, v: jnp.where(moving, v, g), grads, trace
+    )
+  return jax.tree.map(
+      lambda d, g: (-learning_rate * d).astype(g.dtype), direction, grads
+  )
+
+
 class TunedMomentumState(NamedTuple):
   """State of :func:`tuned_momentum`.
 
@@ -104,15 +146,7 @@ def tuned_momentum(
         lambda g, v: jnp.where(moving, (mu * v + g).astype(v.dtype), v),
         grads, state.trace,
     )
-    if nesterov:
-      direction = jax.tree.map(lambda g, v: g + mu * v, grads, trace)
-    else:
-      direction = jax.tree.map(
-          lambda g, v: jnp.where(moving, v, g), grads, trace
-      )
-    new_updates = jax.tree.map(
-        lambda d, g: (-lr * d).astype(g.dtype), direction, grads
-    )
+    new_updates = momentum_updates(grads, trace, lr, mu, nesterov=nesterov)
     return new_updates, TunedMomentumState(tuner=tuner_state, trace=trace)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

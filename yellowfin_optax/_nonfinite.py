@@ -12,7 +12,7 @@ Memory: one int32 counter besides the wrapped state. Cost per step: one
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +85,9 @@ def skip_nonfinite(
     *,
     on_nonfinite: str = 'skip',
     check_gradients: bool = True,
+    updates_from_state: (
+        Callable[[optax.Updates, Any], optax.Updates] | None
+    ) = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Applies ``inner`` only on steps whose gradients and outputs are finite.
 
@@ -115,6 +118,14 @@ def skip_nonfinite(
       is non-finite exactly when they are: YellowFin's ``grad_sq_norm``
       (``||g||^2``), which :func:`yellowfin` and
       :func:`closed_loop_yellowfin` rely on.
+    updates_from_state: ``f(gradients, new_inner_state) -> updates``, which
+      gives ``inner``'s updates from its new state. With it the updates are
+      recomputed from the selected state instead of taken from ``inner``:
+      the same values on a good step, but they then read the new momentum
+      buffer instead of the old one, so XLA can update a donated buffer in
+      place; without it, XLA copies every momentum buffer on every step
+      (the select and the update both read its old value). :func:`yellowfin`
+      passes it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -167,10 +178,12 @@ def skip_nonfinite(
       ok &= all_finite(updates)
     if on_nonfinite == 'raise_in_debug':
       jax.debug.callback(_raise_if_bad, ok)
+    new_inner = optax.tree.where(ok, new_inner, state.inner)
+    if updates_from_state is not None:
+      new_updates = updates_from_state(updates, new_inner)
     new_updates = jax.tree.map(
         lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates
     )
-    new_inner = optax.tree.where(ok, new_inner, state.inner)
     skipped = jnp.where(
         ok, state.skipped_steps, optax.safe_increment(state.skipped_steps)
     )
