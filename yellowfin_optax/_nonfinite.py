@@ -123,9 +123,9 @@ def skip_nonfinite(
       recomputed from the selected state instead of taken from ``inner``:
       the same values on a good step, but they then read the new momentum
       buffer instead of the old one, so XLA can update a donated buffer in
-      place; without it, XLA copies every momentum buffer on every step
-      (the select and the update both read its old value). :func:`yellowfin`
-      passes it.
+      place; without it, a step that donates the state copies every
+      momentum buffer (the select and the update both read its old value).
+      :func:`yellowfin` passes it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
