@@ -171,10 +171,10 @@ def _updates_from_state(
   """:func:`yellowfin`'s update from the raw gradients and its new state.
 
   The statistics clipped the gradients by ``grad_scale`` before the trace
-  saw them; the same product in the same dtype gives the same values.
+  saw them; the same function gives the same values.
   """
-  scale = state.tuner.statistics.grad_scale
-  clipped = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+  clipped = _statistics.scale_gradients(
+      grads, state.tuner.statistics.grad_scale)
   return _momentum.momentum_updates(
       clipped, state.trace, state.tuner.learning_rate, state.tuner.momentum,
       nesterov=nesterov,

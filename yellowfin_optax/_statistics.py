@@ -101,6 +101,15 @@ def clip_factor(sq_norm: jax.Array, max_norm: jax.Array) -> jax.Array:
   return jnp.minimum(1.0, max_norm / (jnp.sqrt(sq_norm) + _TORCH_CLIP_EPS))
 
 
+def scale_gradients(grads: optax.Updates, scale: jax.Array) -> optax.Updates:
+  """The gradients times the clip factor, in their own dtypes.
+
+  What :func:`gradient_statistics` emits; :func:`yellowfin` recomputes its
+  update from it, so both must use this one function.
+  """
+  return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+
+
 def window_quantile(window: jax.Array, step: jax.Array, q: float) -> jax.Array:
   """``q``-quantile (linear interpolation) of the filled part of a ring buffer.
 
@@ -323,7 +332,6 @@ def gradient_statistics(
         sparsity=jnp.asarray(sparsity, jnp.float32),
         grad_scale=scale,
     )
-    updates = jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates)
-    return updates, new_state
+    return scale_gradients(updates, scale), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
