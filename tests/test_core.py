@@ -46,12 +46,24 @@ def test_state_is_two_parameter_size_buffers():
 
 
 @pytest.mark.parametrize('staleness', [1, 4])
-def test_closed_loop_buffers(staleness):
-  """2 tau + 3 parameter-size buffers, as BUILD_NOTES.md says."""
-  params = jnp.ones((50, 40))
-  state = yf.closed_loop_yellowfin(staleness=staleness).init(params)
-  big = sum(x.size for x in jax.tree.leaves(state) if x.size >= params.size)
-  assert big == (2 * staleness + 3) * params.size
+@pytest.mark.parametrize('estimator', ['median', 'least_squares'])
+def test_closed_loop_buffers(staleness, estimator):
+  """tau + 2 parameter-size buffers (median) or 2 tau + 3 (least squares).
+
+  tau pending gradients and YellowFin's two; least squares also keeps the
+  last tau + 1 updates, the median only their 4096 sampled coordinates.
+  """
+  params = jnp.ones((250, 100))  # bigger than the 4096-coordinate sample x 5
+  state = yf.closed_loop_yellowfin(
+      staleness=staleness, estimator=estimator).init(params)
+  leaves = jax.tree.leaves(state)
+  big = sum(x.size for x in leaves if x.size >= params.size)
+  if estimator == 'median':
+    assert big == (staleness + 2) * params.size
+    small = sum(x.size for x in leaves if x.size < params.size)
+    assert 4096 * (staleness + 1) <= small < 4096 * (staleness + 1) + 100
+  else:
+    assert big == (2 * staleness + 3) * params.size
 
 
 def test_bfloat16_params_keep_float32_statistics():

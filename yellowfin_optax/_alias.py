@@ -14,7 +14,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -154,29 +153,31 @@ def yellowfin(
           _momentum.tuned_momentum(tuner, nesterov=nesterov),
           on_nonfinite=on_nonfinite,
           check_gradients=False,  # ||g||^2 in the statistics covers them
-          updates_from_state=functools.partial(
-              _updates_from_state, nesterov=nesterov
+          updates_from_state=lambda g, s: tuned_updates(
+              g, s, s.tuner.momentum, nesterov=nesterov
           ),
       ),
       axis_name,
   )
 
 
-def _updates_from_state(
+def tuned_updates(
     grads: optax.Updates,
     state: _momentum.TunedMomentumState,
+    momentum: jax.Array,
     *,
     nesterov: bool,
 ) -> optax.Updates:
-  """:func:`yellowfin`'s update from the raw gradients and its new state.
+  """YellowFin's update from the raw gradients and its new momentum state.
 
-  The statistics clipped the gradients by ``grad_scale`` before the trace
-  saw them; the same function gives the same values.
+  For ``skip_nonfinite(updates_from_state=...)``. The statistics clipped the
+  gradients by ``grad_scale`` before the trace saw them; the same function
+  gives the same values. ``momentum`` is the one applied this step.
   """
   clipped = _statistics.scale_gradients(
       grads, state.tuner.statistics.grad_scale)
   return _momentum.momentum_updates(
-      clipped, state.trace, state.tuner.learning_rate, state.tuner.momentum,
+      clipped, state.trace, state.tuner.learning_rate, momentum,
       nesterov=nesterov,
   )
 
