@@ -184,3 +184,46 @@ def test_least_squares_loop_sees_the_unstable_direction():
 def test_unknown_estimator_is_rejected():
   with pytest.raises(ValueError, match='estimator must be one of'):
     yf.closed_loop_yellowfin(estimator='mean')
+
+
+@pytest.mark.parametrize('staleness', [0, 2])
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_sampled_updates_from_inputs_match_the_gathered_updates(
+    staleness, nesterov):
+  """closed_loop_yellowfin's ``updates_at`` hook changes nothing.
+
+  The ring of sampled past updates and the measured total momentum agree
+  with gathering the updates themselves (to float32 rounding), with the
+  controller acting, clipped steps, and a parameter larger than the
+  4096-point sample.
+  """
+  from yellowfin_optax import _closed_loop
+  fast = yf.closed_loop_yellowfin(staleness, gain=0.1, nesterov=nesterov)
+  original = _closed_loop.total_momentum
+  try:  # the same chain, with the samples gathered from the updates
+    _closed_loop.total_momentum = lambda inner, **kw: original(
+        inner, **{k: v for k, v in kw.items() if k != 'updates_at'})
+    plain = yf.closed_loop_yellowfin(staleness, gain=0.1, nesterov=nesterov)
+  finally:
+    _closed_loop.total_momentum = original
+  params = {'w': jnp.linspace(-1.0, 1.0, 6000).reshape(60, 100),
+            'b': jnp.zeros(7)}
+  grad = jax.grad(lambda p: jnp.sum(p['w'] ** 4) + jnp.sum((p['b'] - 1) ** 2))
+  runs = []
+  for tx in (fast, plain):
+    p, state, step = params, tx.init(params), jax.jit(tx.update)
+    for t in range(40):  # spikes at 10, 11: the clipping paths
+      g = jax.tree.map(lambda x: x * (1e3 if t in (10, 11) else 1.0), grad(p))
+      u, state = step(g, state, p)
+      p = optax.apply_updates(p, u)
+    runs.append((p, state))
+  (p_fast, s_fast), (p_plain, s_plain) = runs
+  ring = lambda s: optax.tree.get(s, 'past_updates')
+  for a, b in zip(jax.tree.leaves(ring(s_fast)), jax.tree.leaves(ring(s_plain))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+  hp_fast, hp_plain = yf.hyperparams(s_fast), yf.hyperparams(s_plain)
+  assert int(optax.tree.get(s_fast, 'measured')) > 20
+  for key in ('total_momentum', 'algorithmic_momentum', 'learning_rate'):
+    np.testing.assert_allclose(hp_fast[key], hp_plain[key], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(p_fast), jax.tree.leaves(p_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +160,7 @@ def total_momentum(
     learning_rate: jax.typing.ArrayLike | None = None,
     estimator: str = 'median',
     median_samples: int | None = 4096,
+    updates_at: Callable[..., optax.Updates] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Measures the total momentum of the system ``inner`` runs in.
 
@@ -202,6 +204,14 @@ def total_momentum(
       buffers (two dot products).
     median_samples: coordinates the median is taken over; ``None`` for all
       of them (exact, but a sort of every coordinate each step).
+    updates_at: median estimator only: ``f(take, grads, state, new_state,
+      **extra_args)`` giving ``inner``'s new updates at the sampled
+      coordinates from its inputs there (``take(tree)`` gathers a pytree
+      like the params at them; ``state``/``new_state`` are ``inner``'s).
+      Without it they are gathered from ``inner``'s output, which makes XLA
+      write the new momentum buffer to a temporary first; with it the
+      buffer is written once, in place. :func:`closed_loop_yellowfin`
+      passes it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are
@@ -237,12 +247,16 @@ def total_momentum(
         [jnp.shape(x) for x in jax.tree.leaves(tree)], median_samples
     )
 
-  def take(tree, where):
-    """The sampled coordinates of ``tree``, per leaf, in float32."""
+  def gather(tree, where):
+    """The sampled coordinates of ``tree``, per leaf, in its dtypes."""
     return jax.tree.unflatten(jax.tree.structure(tree), [
-        _gather(jnp.atleast_1d(x), idx).astype(jnp.float32)
+        _gather(jnp.atleast_1d(x), idx)
         for x, idx in zip(jax.tree.leaves(tree), where)
     ])
+
+  def take(tree, where):
+    """The sampled coordinates of ``tree``, per leaf, in float32."""
+    return optax.tree.cast(gather(tree, where), jnp.float32)
 
   def init_fn(params):
     if sampled:  # the ratio needs past updates at the sample only
@@ -290,7 +304,12 @@ def total_momentum(
         lambda b: b[i].astype(jnp.float32), state.past_updates
     )
     previous = past(slot)
-    written = here(new_updates)
+    if sampled and updates_at is not None:
+      written = optax.tree.cast(updates_at(
+          lambda tree: gather(tree, where), updates, state.inner, inner_state,
+          **extra_args), jnp.float32)
+    else:
+      written = here(new_updates)
     if staleness == 0:
       latest, latest_size = written, step_size
     else:
@@ -428,6 +447,30 @@ def closed_loop(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _tuned_updates_at(
+    take: Callable[[optax.Updates], optax.Updates],
+    grads: optax.Updates,
+    state: _momentum.TunedMomentumState,
+    new_state: _momentum.TunedMomentumState,
+    *,
+    nesterov: bool,
+    momentum_offset: jax.Array | None = None,
+) -> optax.Updates:
+  """``tuned_momentum``'s new updates at the sampled coordinates, from its
+  inputs there: the gradient, clipped as the statistics clipped it, and the
+  old trace (``total_momentum``'s ``updates_at``)."""
+  tuner = new_state.tuner
+  momentum = tuner.momentum
+  if momentum_offset is not None:
+    momentum = _momentum.offset_momentum(
+        momentum, momentum_offset, MOMENTUM_RANGE)
+  clipped = _statistics.scale_gradients(
+      take(grads), tuner.statistics.grad_scale)
+  trace = _momentum.momentum_trace(clipped, take(state.trace), momentum)
+  return _momentum.momentum_updates(
+      clipped, trace, tuner.learning_rate, momentum, nesterov=nesterov)
+
+
 def closed_loop_yellowfin(
     staleness: int = 0,
     gain: jax.typing.ArrayLike = 0.01,
@@ -496,6 +539,7 @@ def closed_loop_yellowfin(
       ),
       staleness=staleness,
       estimator=estimator,
+      updates_at=functools.partial(_tuned_updates_at, nesterov=nesterov),
   )
   return _alias.cross_replica_mean(
       _delay.delayed_gradients(

@@ -27,6 +27,20 @@ def offset_momentum(
   return jnp.where(offset == 0.0, momentum, moved)
 
 
+def momentum_trace(
+    grads: optax.Updates, trace: optax.Updates, momentum: jax.typing.ArrayLike
+) -> optax.Updates:
+  """The heavy-ball buffer after one step, ``mu v + g``, in ``v``'s dtypes.
+
+  While ``momentum`` is exactly 0 ``v`` stays as it is (torch's rule).
+  """
+  moving = momentum != 0.0
+  return jax.tree.map(
+      lambda g, v: jnp.where(moving, (momentum * v + g).astype(v.dtype), v),
+      grads, trace,
+  )
+
+
 def momentum_updates(
     grads: optax.Updates,
     trace: optax.Updates,
@@ -141,11 +155,7 @@ def tuned_momentum(
     lr, mu = tuner_state.learning_rate, tuner_state.momentum
     if momentum_offset is not None:
       mu = offset_momentum(mu, momentum_offset, momentum_range)
-    moving = mu != 0.0
-    trace = jax.tree.map(
-        lambda g, v: jnp.where(moving, (mu * v + g).astype(v.dtype), v),
-        grads, state.trace,
-    )
+    trace = momentum_trace(grads, state.trace, mu)
     new_updates = momentum_updates(grads, trace, lr, mu, nesterov=nesterov)
     return new_updates, TunedMomentumState(tuner=tuner_state, trace=trace)
 
