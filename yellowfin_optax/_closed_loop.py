@@ -455,10 +455,12 @@ def _tuned_updates_at(
     *,
     nesterov: bool,
     momentum_offset: jax.Array | None = None,
+    **extra_args: Any,
 ) -> optax.Updates:
   """``tuned_momentum``'s new updates at the sampled coordinates, from its
   inputs there: the gradient, clipped as the statistics clipped it, and the
   old trace (``total_momentum``'s ``updates_at``)."""
+  del extra_args  # tuned_momentum ignores them too
   tuner = new_state.tuner
   momentum = tuner.momentum
   if momentum_offset is not None:
