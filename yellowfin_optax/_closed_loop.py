@@ -329,8 +329,8 @@ def total_momentum(
       estimate, count = masked_median(ratios, usable)
       estimate = jnp.clip(estimate, *_ESTIMATE_RANGE)
     else:  # least squares: <n, d> / <d, d>
-      nd = _statistics.tree_dot(numerator, previous)
-      dd = _statistics.tree_dot(previous, previous)
+      nd, dd = _statistics.tree_dots(
+          (numerator, previous), [(0, 1), (1, 1)])
       ok = (dd > _TINY) & jnp.isfinite(nd) & jnp.isfinite(dd)
       estimate = jnp.clip(nd / jnp.where(ok, dd, 1.0), *_ESTIMATE_RANGE)
       count = ok.astype(jnp.int32)

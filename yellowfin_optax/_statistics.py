@@ -87,13 +87,52 @@ def debias_factor(step: jax.Array, log_beta) -> jax.Array:
   return -jnp.expm1((step.astype(jnp.float32) + 1.0) * log_beta)
 
 
-def tree_dot(a: optax.Updates, b: optax.Updates) -> jax.Array:
-  """``sum(a * b)`` over two pytrees, as an elementwise product and a sum.
+# XLA:CPU reduces an array of fewer than 4096 entries with 3-4 kernels (the
+# product, a reduce-window tree, a reduce) and a larger one with one, and it
+# splits a reduction of a concatenation back into one per operand. So small
+# leaves are concatenated behind an optimization barrier and reduced
+# together: at 200 leaves, half of them small, 5x less compile time for the
+# reductions (BUILD_NOTES.md section 9).
+_SMALL_LEAF = 4096
 
-  Unlike ``optax.tree.vdot`` (a ``dot``), it needs no output sharding when the
-  summed axes are sharded (sharding in types, Explicit meshes).
+
+def _replicated(x: jax.Array) -> bool:
+  """Whether ``x``'s type has no sharded axis (it can be raveled freely)."""
+  return not any(getattr(jax.typeof(x).sharding, 'spec', None) or ())
+
+
+def tree_dots(
+    trees: tuple[optax.Updates, ...], pairs: list[tuple[int, int]]
+) -> list[jax.Array]:
+  """``sum(trees[i] * trees[j])`` over the pytree, for each ``(i, j)``.
+
+  Elementwise products and sums: unlike ``optax.tree.vdot`` (a ``dot``) they
+  need no output sharding when the summed axes are sharded (sharding in
+  types, Explicit meshes). Unsharded leaves of fewer than 4096 entries are
+  reduced together (see ``_SMALL_LEAF``).
   """
-  return optax.tree.sum(optax.tree.mul(a, b))
+  leaves = [jax.tree.leaves(t) for t in trees]
+  count = len(leaves[0])
+  small = [k for k in range(count)
+           if jnp.size(leaves[0][k]) < _SMALL_LEAF
+           and all(_replicated(l[k]) for l in leaves)]
+  if len(small) < 2:
+    small = []
+  big = [k for k in range(count) if k not in small]
+  used = sorted({t for pair in pairs for t in pair})
+  grouped = {}
+  if small:
+    grouped = dict(zip(used, jax.lax.optimization_barrier(tuple(
+        jnp.concatenate([jnp.ravel(leaves[t][k]) for k in small])
+        for t in used))))
+  sums = []
+  for i, j in pairs:
+    total = sum((jnp.sum(leaves[i][k] * leaves[j][k]) for k in big),
+                jnp.zeros([], jnp.float32))
+    if small:
+      total = total + jnp.sum(grouped[i] * grouped[j])
+    sums.append(total)
+  return sums
 
 
 def clip_factor(sq_norm: jax.Array, max_norm: jax.Array) -> jax.Array:
@@ -240,16 +279,14 @@ def gradient_statistics(
     t = state.step
     g32 = optax.tree.cast(updates, jnp.float32)
 
-    # One global norm gives every clipping factor.
-    s = optax.tree.norm(g32, squared=True)
-    # Reductions over the old EMA in the same pass over the inputs: with them
-    # ||EMA(g)||^2 after the update follows without a reduction over the new
-    # EMA, so every scalar is known before any parameter-size output is
-    # written, and XLA writes the new EMA once, in its final form (after
-    # skip_nonfinite's select), instead of writing it, reducing it, and
-    # rewriting it (BUILD_NOTES.md section 9).
-    ema_sq = optax.tree.norm(state.grad_ema, squared=True)
-    ema_dot_g = tree_dot(state.grad_ema, g32)
+    # One global norm gives every clipping factor. The reductions over the
+    # old EMA go with it: from them ||EMA(g)||^2 after the update follows
+    # without a reduction over the new EMA, so every scalar is known before
+    # any parameter-size output is written, and XLA writes the new EMA once,
+    # in its final form (after skip_nonfinite's select), instead of writing
+    # it, reducing it, and rewriting it (BUILD_NOTES.md section 9).
+    s, ema_sq, ema_dot_g = tree_dots(
+        (g32, state.grad_ema), [(0, 0), (1, 1), (1, 0)])
     scale = jnp.ones([], jnp.float32)
     if clip_norm is not None:
       scale = clip_factor(s, clip_norm)
