@@ -400,7 +400,7 @@ def markdown(rows, model_rows, meta) -> str:
         f'({r["compile_ratio_to_adam"]:.2f}) | {r["state_over_params"]:.2f} | '
         f'{r["min_buffers"]:.0f} | {r["xla_bytes_over_params"]:.1f} | '
         f'{r["big_kernels"]} ({r["big_reads"]}/{r["big_writes"]}) | '
-        f'{r.get("big_copies", "")} | {r["achieved_GBps"]:.1f} | {r["time_over_floor"]:.2f} |')
+        f'{r["big_copies"]} | {r["achieved_GBps"]:.1f} | {r["time_over_floor"]:.2f} |')
   if model_rows:
     lines += ['', '| model | train step | median ms [p25, p75] | x Adam | '
               'optimizer share | compile s |', '|---|---|---|---|---|---|']

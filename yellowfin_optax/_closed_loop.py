@@ -97,8 +97,7 @@ def masked_median(values: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
 
 def _gather(x: jax.Array, index: tuple[np.ndarray, ...]) -> jax.Array:
   """``x[index]``, replicated; an explicitly sharded ``x`` must be told so."""
-  spec = getattr(jax.typeof(x).sharding, 'spec', ())
-  if any(axis is not None for axis in spec):
+  if not _statistics.is_unsharded(x):
     return x.at[index].get(out_sharding=jax.sharding.PartitionSpec())
   return x[index]
 

@@ -96,8 +96,9 @@ def debias_factor(step: jax.Array, log_beta) -> jax.Array:
 _SMALL_LEAF = 4096
 
 
-def _replicated(x: jax.Array) -> bool:
-  """Whether ``x``'s type has no sharded axis (it can be raveled freely)."""
+def is_unsharded(x: jax.Array) -> bool:
+  """Whether ``x``'s type names no mesh axis (sharding in types): then it
+  can be raveled and gathered without an explicit output sharding."""
   return not any(getattr(jax.typeof(x).sharding, 'spec', None) or ())
 
 
@@ -115,7 +116,7 @@ def tree_dots(
   count = len(leaves[0])
   small = [k for k in range(count)
            if jnp.size(leaves[0][k]) < _SMALL_LEAF
-           and all(_replicated(l[k]) for l in leaves)]
+           and all(is_unsharded(l[k]) for l in leaves)]
   if len(small) < 2:
     small = []
   big = [k for k in range(count) if k not in small]
