@@ -5,6 +5,7 @@ Usage::
     nice -n 10 python -m benchmarks.auto            # round 1: levers alone
     nice -n 10 python -m benchmarks.auto --profile round2   # guard combos
     nice -n 10 python -m benchmarks.auto --profile round3   # guard settings
+    python -m benchmarks.auto --profile retune  # Adam/SGD re-tuned at these lengths
     python -m benchmarks.auto --merge DIR ... --out results/auto
     python -m benchmarks.auto --quick               # ~25 s smoke
 
@@ -47,6 +48,7 @@ from yellowfin_optax import _alias  # AUTO_DEFAULTS, tuner-from-options
 from benchmarks import _analysis
 from benchmarks import _engine
 from benchmarks import _optimizers
+from benchmarks import run as suite
 from benchmarks import tasks as tasks_lib
 
 # Fallback tuned learning rates (seed-0 grid of the synchronous suite).
@@ -81,6 +83,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     'round5': dict(tasks={'digits_cnn': 1200, 'mnist1d_cnn': 2000,
                           'shakespeare_lstm': 1500}, seeds=3,
                    variants=('lr_x2', 'lr_x4', 'guard_lr_x2', 'adam',
+                             'momentum_sgd')),
+    # Third session: Adam and SGD re-tuned at these run lengths (the suite's
+    # grid and protocol) instead of reusing the suite's 400-600-step choice.
+    'retune': dict(tasks={'digits_cnn': 1200, 'mnist1d_cnn': 2000,
+                          'shakespeare_lstm': 1500}, seeds=3, retune=True,
+                   variants=('yellowfin', 'auto_None', 'auto_T', 'cosine',
+                             'debias', 'guard_lr_x2', 'adam',
                              'momentum_sgd')),
     'quick': dict(tasks={'digits_linear': 300}, seeds=2,
                   variants=('yellowfin', 'q0.25', 'debias', 'cosine', 'guard',
@@ -243,24 +252,35 @@ def _series(logs: list[dict[str, np.ndarray]], key: str,
 
 
 def run_task(name: str, steps: int, seeds: int, names: tuple[str, ...] | None,
-             progress: Any) -> dict[str, Any]:
-  """Trains every variant on one task; returns its JSON-able record."""
+             progress: Any, retune: bool = False) -> dict[str, Any]:
+  """Trains every variant on one task; returns its JSON-able record.
+
+  With ``retune``, Adam and SGD search the suite's lr grid at this run length
+  (:func:`benchmarks.run.tune_lr`) instead of reusing the suite's choice.
+  """
   task = tasks_lib.TASKS[name]()
   window = window_for(steps)
   every = max(1, steps // 300)
   lrs = tuned_lrs(name)
+  grids = {k: v.grid for k, v in _optimizers.registry().items() if v.grid}
   specs = variants(steps)
   if names is not None:
     specs = {k: v for k, v in specs.items() if k in names}
   runs: dict[str, list[Any]] = {}
-  seconds = {}
+  seconds, tuning = {}, {}
   for vname, (_, spec) in specs.items():
     progress.set_postfix_str(f'{name}/{vname}')
     t0 = time.time()
     runner = _engine.make_runner(task, spec, steps)
-    lr = lrs.get(vname, 0.0)
-    runs[vname] = _engine.run_many(runner, [(lr, s) for s in range(seeds)],
-                                   progress)
+    if retune and vname in grids:
+      progress.total += len(grids[vname]) - 1
+      runs[vname], tuning[vname] = suite.tune_lr(
+          runner, grids[vname], window, seeds, progress)
+      lrs[vname] = tuning[vname]['chosen_lr']
+    else:
+      lr = lrs.get(vname, 0.0)
+      runs[vname] = _engine.run_many(runner, [(lr, s) for s in range(seeds)],
+                                     progress)
     seconds[vname] = round(time.time() - t0, 1)
   summary = analyse(task, runs, window)
   logs = {}
@@ -273,7 +293,7 @@ def run_task(name: str, steps: int, seeds: int, names: tuple[str, ...] | None,
   return dict(
       description=task.description, steps=steps, seeds=seeds,
       smoothing_window=window, log_every=every, metric=task.metric,
-      higher_is_better=task.higher_is_better, tuned_lr=lrs,
+      higher_is_better=task.higher_is_better, tuned_lr=lrs, tuning=tuning,
       labels={k: v[0] for k, v in specs.items()}, seconds=seconds,
       summary=summary, logs=logs)
 
@@ -328,6 +348,11 @@ def markdown(results: dict[str, Any]) -> str:
               '', f'| variant | iters to Adam min | speedup vs Adam | '
               f'speedup vs SGD | final smoothed loss | {rec["metric"]} | '
               'diverged |', '|---|---|---|---|---|---|---|']
+    for v, t in rec.get('tuning', {}).items():
+      grid = ', '.join(f'{k}: {x:.4f}' for k, x in t['grid'].items())
+      edge = ' (grid edge!)' if t['chosen_at_grid_edge'] else ''
+      lines.insert(-3, f'{v} re-tuned at this length, seed 0 (lr: lowest '
+                   f'smoothed loss): {grid}; chosen {t["chosen_lr"]:g}{edge}\n')
     for v, s in rec['summary'].items():
       its = _analysis.fmt(s['iters_to_adam_min'], 0)
       lines.append(
@@ -442,7 +467,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             disable=profile == 'smoke') as progress:
     for tname, steps in task_steps.items():
       results['tasks'][tname] = run_task(tname, steps, cfg['seeds'],
-                                         cfg['variants'], progress)
+                                         cfg['variants'], progress,
+                                         cfg.get('retune', False))
   results['wall_seconds'] = round(time.time() - t0, 1)
   return _write(results, out, args.docs_figure, profile != 'smoke')
 

@@ -82,16 +82,8 @@ def run_task(
     runner = _engine.make_runner(task, spec, steps)
     entry: dict[str, Any] = dict(label=spec.label, group=spec.group)
     if spec.grid:
-      grid, grid_runs = _grid_search(runner, spec.grid, window, progress)
-      scores = [float(_analysis.smooth(r[0]['loss'], window).min())
-                for r in grid_runs]
-      best = int(np.argmin(scores))
-      lr = grid[best]
-      entry.update(grid={f'{g:g}': s for g, s in zip(grid, scores)},
-                   chosen_lr=lr, grid_extended=len(grid) > len(spec.grid),
-                   chosen_at_grid_edge=best in (0, len(grid) - 1))
-      runs = [grid_runs[best]] + _engine.run_many(
-          runner, [(lr, s) for s in range(1, seeds)], progress)
+      runs, tuning = tune_lr(runner, spec.grid, window, seeds, progress)
+      entry.update(tuning)
     else:
       runs = _engine.run_many(runner, [(0.0, s) for s in range(seeds)],
                               progress)
@@ -113,6 +105,28 @@ def run_task(
 
   record['speedups'] = speedups(record, {k: s.group for k, s in specs.items()})
   return record
+
+
+def tune_lr(
+    runner: Any, grid: tuple[float, ...], window: int, seeds: int,
+    progress: Any,
+) -> tuple[list[Any], dict[str, Any]]:
+  """The protocol's tuning: grid on seed 0, best lr rerun on the others.
+
+  Returns the runs at the chosen lr (seed 0 first) and a JSON-able record:
+  ``grid`` (lr -> lowest smoothed loss), ``chosen_lr``, ``grid_extended``,
+  ``chosen_at_grid_edge``.
+  """
+  full, grid_runs = _grid_search(runner, grid, window, progress)
+  scores = [float(_analysis.smooth(r[0]['loss'], window).min())
+            for r in grid_runs]
+  best = int(np.argmin(scores))
+  lr = full[best]
+  runs = [grid_runs[best]] + _engine.run_many(
+      runner, [(lr, s) for s in range(1, seeds)], progress)
+  return runs, dict(grid={f'{g:g}': s for g, s in zip(full, scores)},
+                    chosen_lr=lr, grid_extended=len(full) > len(grid),
+                    chosen_at_grid_edge=best in (0, len(full) - 1))
 
 
 def _grid_search(

@@ -183,3 +183,21 @@ def test_auto_benchmark_smoke(tmp_path):
   assert set(rec['diagnosis']) == {'yellowfin', 'guard'}
   assert 0.0 <= rec['diagnosis']['yellowfin']['cubic_binds'] <= 1.0
   assert (tmp_path / 'digits_linear.png').stat().st_size > 1000
+
+
+def test_auto_benchmark_retunes_baselines_at_the_run_length(
+    tmp_path, monkeypatch):
+  smoke = dict(auto.PROFILES['smoke'], retune=True,
+               variants=('yellowfin', 'adam'))
+  monkeypatch.setitem(auto.PROFILES, 'smoke', smoke)
+  rec = auto.main(['--profile', 'smoke', '--out', str(tmp_path)])[
+      'tasks']['digits_linear']
+  tuning = rec['tuning']['adam']
+  grid = {float(k): v for k, v in tuning['grid'].items()}
+  # The grid of the suite (possibly extended), best lr chosen and then used.
+  assert set(auto._optimizers.registry()['adam'].grid) <= set(grid)
+  assert tuning['chosen_lr'] == min(grid, key=grid.get)
+  assert rec['tuned_lr']['adam'] == tuning['chosen_lr']
+  assert rec['summary']['adam']['min_smoothed_loss']['min'] <= grid[
+      tuning['chosen_lr']] + 1e-6
+  assert 'adam re-tuned at this length' in (tmp_path / 'results.md').read_text()
