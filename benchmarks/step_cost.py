@@ -3,9 +3,10 @@ r"""Step time, compile time and memory of YellowFin's update vs Optax's.
 Times the jitted optimizer update alone (``grads, state -> updates, state``,
 state donated as in a real train step, warm-up excluded, ``block_until_ready``)
 for :func:`yellowfin_optax.yellowfin`, :func:`closed_loop_yellowfin` (when the
-library has it), ``optax.adam(1e-3)`` and ``optax.sgd(1e-2, momentum=0.9)``,
-side by side in one process and interleaved (the order is shuffled every
-round), so the ratios survive a loaded machine. Also:
+library has it), ``optax.adam(1e-3)``, ``optax.sgd(1e-2, momentum=0.9)`` and
+:func:`yellowfin_floor` (YellowFin's data flow without its tuner: the limit
+any implementation pays), side by side in one process and interleaved (the
+order is shuffled every round), so the ratios survive a loaded machine. Also:
 
 * one leaf of 1M / 10M / 100M float32 parameters (``--sizes``), and the same
   10M split over 200 leaves of mixed shapes (``--leaves``);
@@ -54,7 +55,42 @@ import numpy as np
 #     <m, g>, from which ||m_new||^2 follows algebraically), pass 2 reads g, m,
 #     v and writes m, v, u.
 MIN_BUFFERS = {'sgd_momentum': 4, 'adam': 6, 'yellowfin': 8,
-               'closed_loop': 8, 'stream': 3}
+               'closed_loop': 8, 'yellowfin_floor': 8, 'stream': 3}
+
+
+def yellowfin_floor():
+  """YellowFin's per-step data flow without its tuner: the structural limit.
+
+  The three global sums over the gradient g and its EMA m that the tuner
+  needs (``||g||^2``, ``<m, g>``, ``||m||^2``, reduced exactly as the library
+  reduces them), then m, the momentum trace v and the update from scalars
+  that depend on all three sums, so that, as in YellowFin, nothing
+  parameter-size can be written before every sum is done. Its time over
+  Adam's is what any YellowFin costs on this backend; ``yellowfin`` over it
+  is what the tuner, the statistics and the NaN guard add.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from yellowfin_optax import _statistics
+
+  def init(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return zeros(), zeros()
+
+  def update(g, state, params=None):
+    del params
+    m, v = state
+    gg, gm, mm = _statistics.tree_dots((g, m), [(0, 0), (0, 1), (1, 1)])
+    total = gg + jnp.abs(gm) + mm
+    clip = jax.lax.rsqrt(1.0 + total)
+    lr = 1.0 / (1.0 + total)
+    mu = total / (1.0 + total)
+    m = jax.tree.map(lambda m, g: 0.999 * m + 0.001 * clip * g, m, g)
+    v = jax.tree.map(lambda v, g: mu * v + clip * g, v, g)
+    return jax.tree.map(lambda v: -lr * v, v), (m, v)
+
+  return optax.GradientTransformation(init, update)
 
 
 def _load_variant(path: str | None):
@@ -84,6 +120,7 @@ def make_optimizers(compare: list[str], closed_loop: bool = True):
       'adam': optax.adam(1e-3),
       'sgd_momentum': optax.sgd(1e-2, momentum=0.9),
       'yellowfin': yf.yellowfin(),
+      'yellowfin_floor': yellowfin_floor(),
   }
   if closed_loop and hasattr(yf, 'closed_loop_yellowfin'):
     opts['closed_loop'] = yf.closed_loop_yellowfin()

@@ -110,3 +110,33 @@ def test_grid_search_extends_at_an_edge(best_lr, expect_added):
     np.testing.assert_allclose(added, expect_added, rtol=0.01)
   assert len(runs) == len(grid) == len(calls)
   assert grid == sorted(grid)
+
+
+@pytest.mark.parametrize('shapes', [[(1 << 16,)], [(256, 96), (3, 3, 16, 32),
+                                                  (4096,)]])
+def test_yellowfin_update_moves_at_most_one_buffer_more_than_its_floor(
+    shapes):
+  """``yellowfin()``'s compiled, donated update reads and writes at most one
+  parameter-size buffer per leaf more than its bare data flow
+  (``step_cost.yellowfin_floor``), and copies none: a change that adds a
+  pass over the parameters, or a copy of the state, fails here."""
+  import jax.numpy as jnp
+  import yellowfin_optax as yf
+  from benchmarks import step_cost
+  grads = [jnp.full(s, 1e-2, jnp.float32) for s in shapes]
+  threshold = min(int(np.prod(s)) for s in shapes)
+
+  def traffic(tx):
+    state = step_cost._fresh(tx.init(grads))
+    case = step_cost.Case('x', lambda g, s: tx.update(g, s)[::-1],
+                          (grads, state), (1,), threshold)
+    p = case.passes
+    return p['big_reads'] + p['big_writes'], p['big_copies']
+
+  floor, floor_copies = traffic(step_cost.yellowfin_floor())
+  moved, copies = traffic(yf.yellowfin())
+  assert floor_copies == copies == 0
+  # Per leaf (each has >= 4096 entries, so reduced alone): reading g and m
+  # for the three sums (g twice, m twice), then m, v and u: 9 reads, 3 writes.
+  assert floor == 12 * len(shapes)
+  assert floor <= moved <= floor + len(shapes)
