@@ -57,6 +57,13 @@ def _sort_float32(x: jax.Array) -> jax.Array:
   )
 
 
+def _flat(tree: Any) -> jax.Array:
+  """The leaves of ``tree`` raveled and concatenated, in leaf order."""
+  return jnp.concatenate(
+      [jnp.ravel(x) for x in jax.tree.leaves(tree)] or [jnp.zeros([0])]
+  )
+
+
 def masked_median(values: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
   """Exact median of the masked entries of a pytree (sorts them).
 
@@ -82,10 +89,7 @@ def masked_median(values: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
     >>> print(f"{float(median):.3f} {int(count)}")
     0.500 5
   """
-  flat = lambda tree: jnp.concatenate(
-      [jnp.ravel(x) for x in jax.tree.leaves(tree)] or [jnp.zeros([0])]
-  )
-  v, m = flat(values).astype(jnp.float32), flat(mask).astype(bool)
+  v, m = _flat(values).astype(jnp.float32), _flat(mask).astype(bool)
   count = jnp.sum(m, dtype=jnp.int32)
   ordered = _sort_float32(jnp.where(m, v, jnp.inf))
   if ordered.size == 0:
@@ -138,8 +142,9 @@ class TotalMomentumState(NamedTuple):
     count: int32, number of steps taken (saturating).
     past_updates: ring of the last updates ``x_{s+1} - x_s``, a pytree like
       the params with a leading ``[staleness + 1]`` axis; with the median
-      estimator only the sampled coordinates are kept (float32 leaves of
-      shape ``[staleness + 1, k]``, ``k`` the leaf's share of the sample).
+      estimator only the sampled coordinates are kept, in one float32 array
+      of shape ``[staleness + 1, n]`` (the leaves' samples in leaf order: one
+      state buffer however many leaves the params have).
     past_step_sizes: ``[staleness + 1]`` ring of the applied gradient step
       sizes (learning rate times the gradient's clipping factor).
   """
@@ -254,15 +259,14 @@ def total_momentum(
     ])
 
   def take(tree, where):
-    """The sampled coordinates of ``tree``, per leaf, in float32."""
-    return optax.tree.cast(gather(tree, where), jnp.float32)
+    """The sampled coordinates of ``tree``, all leaves in one float32
+    vector."""
+    return _flat(optax.tree.cast(gather(tree, where), jnp.float32))
 
   def init_fn(params):
     if sampled:  # the ratio needs past updates at the sample only
-      past_updates = jax.tree.map(
-          lambda x: jnp.zeros((size,) + x.shape, jnp.float32),
-          take(params, coordinates(params)),
-      )
+      count = sum(len(idx[0]) for idx in coordinates(params))
+      past_updates = jnp.zeros((size, count), jnp.float32)
     else:
       past_updates = jax.tree.map(
           lambda p: jnp.broadcast_to(
@@ -304,9 +308,9 @@ def total_momentum(
     )
     previous = past(slot)
     if sampled and updates_at is not None:
-      written = optax.tree.cast(updates_at(
+      written = _flat(optax.tree.cast(updates_at(
           lambda tree: gather(tree, where), updates, state.inner, inner_state,
-          **extra_args), jnp.float32)
+          **extra_args), jnp.float32))
     else:
       written = here(new_updates)
     if staleness == 0:
