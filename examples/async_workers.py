@@ -63,10 +63,6 @@ from tqdm import tqdm
 
 import yellowfin_optax as yf
 
-# The algorithmic-momentum range closed_loop_yellowfin uses.
-MOMENTUM_RANGE = (-0.9, 0.999)
-
-
 class MLP(nn.Module):
 
   @nn.compact
@@ -96,7 +92,7 @@ def server_optimizer(
     return yf.yellowfin()
   tuner = yf.yellowfin_tuner(yf.gradient_statistics())
   measured = yf.total_momentum(
-      yf.tuned_momentum(tuner, momentum_range=MOMENTUM_RANGE),
+      yf.tuned_momentum(tuner),
       staleness=staleness,
   )
   return yf.skip_nonfinite(yf.closed_loop(measured, gain=gain))

@@ -227,3 +227,41 @@ def test_sampled_updates_from_inputs_match_the_gathered_updates(
     np.testing.assert_allclose(hp_fast[key], hp_plain[key], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(p_fast), jax.tree.leaves(p_plain)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_closed_loop_configuration_errors_name_the_argument():
+  with pytest.raises(ValueError, match='momentum_range must be'):
+    yf.closed_loop(yf.total_momentum(optax.sgd(0.1), learning_rate=0.1),
+                   momentum_range=(0.5, 0.5))
+  tx = yf.total_momentum(optax.sgd(0.1, momentum=0.5))  # no learning_rate
+  with pytest.raises(ValueError, match='pass the constant learning_rate'):
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+
+
+def test_closed_loop_owns_the_momentum_range_it_reports():
+  """Built by hand with a narrower range than the default, the applied
+  momentum, the reported algorithmic momentum and the anti-windup clip all
+  use closed_loop's range (tuned_momentum has none of its own)."""
+  low, high = -0.5, 0.3
+  tuner = yf.yellowfin_tuner(yf.gradient_statistics())
+  tx = yf.closed_loop(yf.total_momentum(yf.tuned_momentum(tuner)), gain=5.0,
+                      momentum_range=(low, high))
+  params = jnp.linspace(1.0, 2.0, 8)
+  state = tx.init(params)
+  for _ in range(60):
+    before = state
+    updates, state = tx.update(params, state)  # gradient of |x|^2 / 2
+    params = params + updates
+  hp = yf.hyperparams(state)
+  applied = float(hp['algorithmic_momentum'])
+  assert low - 1e-6 <= applied <= high + 1e-6
+  assert applied != float(hp['target_momentum'])  # the loop did move it
+  # The momentum the last step really used: v_new = mu v_old + c g.
+  trace = lambda s: optax.tree.get(s, 'trace')
+  scale = optax.tree.get(state, 'grad_scale')
+  grad = params - updates
+  used = (trace(state) - scale * grad) / trace(before)
+  np.testing.assert_allclose(used, applied, rtol=1e-4)
+  delta = float(state.momentum_offset)
+  target = float(hp['target_momentum'])
+  assert low - 1e-6 <= target + delta <= high + 1e-6  # no wind-up

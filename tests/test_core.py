@@ -221,7 +221,8 @@ BAD_CONFIGS = [
     (dict(learning_rate=-1e-3), 'learning_rate must be in [0.0, inf]'),
     (dict(momentum=1.0), 'momentum must be in [0.0, 1.0)'),
     (dict(lr_factor=-1.0), 'lr_factor must be in [0.0, inf]'),
-    (dict(eps=-1.0), 'eps must be in [0.0, 1.0)'),
+    (dict(eps=-1.0), 'eps must be in (0.0, 1.0)'),
+    (dict(eps=0.0), 'eps must be in (0.0, 1.0)'),
     (dict(beta=float('nan')), 'beta must be in'),
     (dict(on_nonfinite='ignore'), 'on_nonfinite must be one of'),
 ]

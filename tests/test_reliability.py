@@ -333,6 +333,7 @@ BAD_ARGUMENTS = [
     ('clip_norm', -1.0),
     ('lr_factor', -1.0),
     ('eps', -1e-6),
+    ('eps', 0.0),  # log(0) on an all-zero gradient
     ('eps', math.inf),
     ('on_nonfinite', 'never'),
 ]
@@ -346,7 +347,7 @@ def test_invalid_argument_is_named(name, value):
 
 def test_valid_boundary_arguments_accepted():
   yf.yellowfin(learning_rate=0.0, momentum=0.0, stat_protect_factor=0.0,
-               eps=0.0, curvature_window=1, lr_factor=0.0)
+               eps=1e-12, curvature_window=1, lr_factor=0.0)
   yf.yellowfin(lr_factor=optax.linear_schedule(1.0, 0.1, 100))
 
 
@@ -381,3 +382,42 @@ def test_generic_inner_needs_the_gradient_check():
   updates, state = tx.update(grads, tx.init(jnp.zeros(2)))
   assert int(state.skipped_steps) == 1
   assert float(jnp.abs(updates).max()) == 0.0
+
+
+@pytest.mark.parametrize('options', [
+    {}, dict(smoothed_hyperparams=True, debias_smoothed=True),
+    dict(max_step_growth=2.0, step_growth_anchor=2)])
+def test_no_nan_is_computed_on_finite_gradients(options):
+  """Not even in a branch that ``where`` discards: under ``jax_debug_nans``
+  (what ``raise_in_debug`` is for) the first steps would raise."""
+  tx = yf.yellowfin(**options)
+  params = _params()
+  state = tx.init(params)
+  with jax.debug_nans(True):
+    for t in range(4):
+      _, state = tx.update(_grads(params, jax.random.PRNGKey(t)), state,
+                           params)
+  assert int(state.skipped_steps) == 0
+
+
+def test_step_growth_anchor_must_be_an_int():
+  with pytest.raises(ValueError, match='step_growth_anchor must be an int'):
+    yf.yellowfin(max_step_growth=2.0, step_growth_anchor=200.5)
+
+
+def test_skip_nonfinite_checks_every_update_unless_told_narrow():
+  """The public wrapper's contract: a non-finite update entry skips the step.
+  ``check_updates='narrow'`` (what yellowfin() passes) checks only leaves
+  narrower than float32."""
+  grads = jnp.array([10.0, 1.0])
+  tx = yf.skip_nonfinite(optax.scale(1e38))  # 1e39 overflows float32
+  updates, state = tx.update(grads, tx.init(grads))
+  assert int(state.skipped_steps) == 1 and not np.any(updates)
+  narrow = yf.skip_nonfinite(optax.scale(1e38), check_updates='narrow')
+  updates, state = narrow.update(grads, narrow.init(grads))
+  assert int(state.skipped_steps) == 0 and np.isinf(updates[0])
+  updates, state = narrow.update(grads.astype(jnp.bfloat16) * 1e4,
+                                 narrow.init(grads))
+  assert int(state.skipped_steps) == 1
+  with pytest.raises(ValueError, match='check_updates must be one of'):
+    yf.skip_nonfinite(optax.identity(), check_updates='none')

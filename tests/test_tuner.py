@@ -42,6 +42,19 @@ def test_cubic_root_does_not_overflow_for_huge_p():
   assert np.all(np.isfinite(x)) and np.all(x >= -1e-3) and np.all(x < 1e-3 + 1e-2)
 
 
+@pytest.mark.parametrize('p', [0.0, 1e-30, 1e-24, 1e-20, 1e-12, 1e-6, 0.3,
+                               0.4, 1.0, 1e4, 1e8, 1e20, 1e30])
+def test_cubic_root_is_float32_exact_from_zero_to_huge_p(p):
+  p = float(np.float32(p))
+  lo, hi = 0.0, 1.0  # float64 bisection on (1 - x)^3 = p x, decreasing in x
+  for _ in range(100):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if (1 - mid) ** 3 > p * mid else (lo, mid)
+  x = float(yf.cubic_root(jnp.float32(p)))
+  # Tiny p: the root 1 - p^(1/3) + ... is 1 to within float32's spacing.
+  np.testing.assert_allclose(x, lo, rtol=1e-7, atol=6e-8)
+
+
 def test_robust_momentum_puts_every_curvature_in_the_robust_region():
   rng = np.random.default_rng(1)
   for _ in range(100):

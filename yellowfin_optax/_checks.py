@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -35,11 +36,17 @@ def check_range(
 
 
 def check_int(name: str, value: Any, low: int) -> None:
-  """Raises ``ValueError`` unless ``value`` is a Python int ``>= low``."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(
-        f'{name} must be an int >= {low} (it sets a buffer shape), '
-        f'got {value!r}.'
-    )
-  if value < low:
+  """Raises ``ValueError`` unless ``value`` is a Python int ``>= low``
+  (a static value: it sets a shape or is compared with the step)."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or value < low):
+    raise ValueError(f'{name} must be an int >= {low}, got {value!r}.')
+
+
+def check_whole(name: str, value: Any, low: int) -> None:
+  """Like :func:`check_int` for a value that may also arrive as an array
+  (``optax.inject_hyperparams``), which is not checked; a concrete Python
+  number must be a whole number ``>= low``."""
+  if isinstance(value, numbers.Real) and not (
+      math.isfinite(value) and value == int(value) and value >= low):
     raise ValueError(f'{name} must be an int >= {low}, got {value!r}.')

@@ -181,9 +181,10 @@ def total_momentum(
   :math:`\tau + 1` updates and step sizes suffices. :math:`\alpha_s` is the
   learning rate times the clipping factor applied to that step's gradient:
   with no staleness and heavy-ball momentum the estimate is exactly
-  :math:`\mu \alpha_s / \alpha_{s-1}`. Coordinates whose denominator is zero
-  or non-finite are left out; with none left (or before :math:`\tau + 2`
-  steps) the previous estimate is kept. The median is taken exactly over a
+  :math:`\mu\,\text{lr}_s / \text{lr}_{s-1}` (the clipping factors cancel).
+  Coordinates whose denominator is zero or non-finite are left out; with
+  none left (or before :math:`\tau + 2` steps) the previous estimate is
+  kept. The median is taken exactly over a
   fixed uniform sample of ``median_samples`` coordinates (all of them in
   smaller models), chosen once from the shapes: its standard error is
   :math:`\approx 1.25\,\sigma/\sqrt{n}` (2% of the ratios' spread at 4096),
@@ -291,6 +292,12 @@ def total_momentum(
       found = _hyperparams.find_scalars(
           inner_state, ('learning_rate', 'grad_scale')
       )
+      if 'learning_rate' not in found:
+        raise ValueError(
+            'total_momentum(learning_rate=None) reads the learning_rate field '
+            "of inner's state, and inner's state has none: pass the constant "
+            'learning_rate of inner.'
+        )
       step_size = found['learning_rate'] * found.get('grad_scale', 1.0)
     else:
       step_size = jnp.asarray(learning_rate, jnp.float32)
@@ -414,8 +421,13 @@ def closed_loop(
     ['algorithmic_momentum', 'momentum', 'target_momentum', 'total_momentum']
   """
   _checks.check_range('gain', gain, 0.0)
-  inner = optax.with_extra_args_support(inner)
   low, high = momentum_range
+  if not -1.0 <= low < high <= 1.0:
+    raise ValueError(
+        'momentum_range must be (low, high) with -1 <= low < high <= 1, '
+        f'got {momentum_range!r}.'
+    )
+  inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     zero = lambda: jnp.zeros([], jnp.float32)  # fresh arrays: donatable
@@ -427,13 +439,14 @@ def closed_loop(
   def update_fn(updates, state, params=None, **extra_args):
     delta = state.momentum_offset
     new_updates, inner_state = inner.update(
-        updates, state.inner, params, momentum_offset=delta, **extra_args
+        updates, state.inner, params, momentum_offset=delta,
+        momentum_range=momentum_range, **extra_args
     )
-    found = _hyperparams.find_scalars(
-        inner_state, ('momentum', 'total_momentum', 'measured')
-    )
+    names = ('momentum', 'total_momentum', 'measured')
+    found = _hyperparams.find_scalars(inner_state, names)
+    before = _hyperparams.find_scalars(state.inner, names)
     target = found['momentum']
-    measured_now = found['measured'] > optax.tree.get(state.inner, 'measured')
+    measured_now = found['measured'] > before['measured']
     corrected = jnp.clip(
         delta + gain * (target - found['total_momentum']),
         low - target, high - target,
@@ -458,6 +471,7 @@ def _tuned_updates_at(
     *,
     nesterov: bool,
     momentum_offset: jax.Array | None = None,
+    momentum_range: tuple[float, float] | None = None,
     **extra_args: Any,
 ) -> optax.Updates:
   """``tuned_momentum``'s new updates at the sampled coordinates, from its
@@ -465,10 +479,7 @@ def _tuned_updates_at(
   old trace (``total_momentum``'s ``updates_at``)."""
   del extra_args  # tuned_momentum ignores them too
   tuner = new_state.tuner
-  momentum = tuner.momentum
-  if momentum_offset is not None:
-    momentum = _momentum.offset_momentum(
-        momentum, momentum_offset, MOMENTUM_RANGE)
+  momentum = _momentum.applied_momentum(tuner, momentum_offset, momentum_range)
   clipped = _statistics.scale_gradients(
       take(grads), tuner.statistics.grad_scale)
   trace = _momentum.momentum_trace(clipped, take(state.trace), momentum)
@@ -539,9 +550,7 @@ def closed_loop_yellowfin(
   axis_name = yellowfin_options.pop('axis_name', None)
   tuner = _alias.yellowfin_tuner_from_options(**yellowfin_options)
   measured = total_momentum(
-      _momentum.tuned_momentum(
-          tuner, nesterov=nesterov, momentum_range=MOMENTUM_RANGE
-      ),
+      _momentum.tuned_momentum(tuner, nesterov=nesterov),
       staleness=staleness,
       estimator=estimator,
       updates_at=functools.partial(_tuned_updates_at, nesterov=nesterov),
@@ -552,6 +561,7 @@ def closed_loop_yellowfin(
           _nonfinite.skip_nonfinite(
               closed_loop(measured, gain=gain), on_nonfinite=on_nonfinite,
               check_gradients=False,  # ||g||^2 in the statistics covers them
+              check_updates='narrow',  # float32 momentum SGD: finite
               # ClosedLoopState -> TotalMomentumState -> TunedMomentumState.
               updates_from_state=lambda g, s: _alias.tuned_updates(
                   g, s.inner.inner, s.algorithmic_momentum, nesterov=nesterov

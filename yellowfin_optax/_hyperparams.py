@@ -39,18 +39,36 @@ def find_scalars(state: Any, names: tuple[str, ...]) -> dict[str, jax.Array]:
   return found
 
 
+def _is_own_state(node: Any) -> bool:
+  """Whether ``node`` is one of this package's NamedTuple states."""
+  return hasattr(node, '_fields') and type(node).__module__.startswith(
+      'yellowfin_optax.')
+
+
+def _own_fields(state: Any):
+  """``(name, value)`` for every field of every state of this package inside
+  ``state``, outermost first (optax chains and wrappers are looked through)."""
+  for node in jax.tree.leaves(state, is_leaf=_is_own_state):
+    if _is_own_state(node):
+      for name, value in zip(node._fields, node):
+        yield name, value
+        yield from _own_fields(value)
+
+
 def hyperparams(state: Any) -> dict[str, jax.Array]:
   """Reads YellowFin's tuned values and statistics from an optimizer state.
 
   Works on the state of :func:`yellowfin`, :func:`closed_loop_yellowfin`, any
   single piece, or any optax wrapper or chain holding one of them, inside or
-  outside ``jit`` (it only selects leaves: no computation, no host sync).
+  outside ``jit`` (it only selects fields of this package's states: no
+  computation, no host sync), and on a ``vmap``- or ``pmap``-stacked state.
 
   Args:
     state: an optimizer state containing exactly one YellowFin.
 
   Returns:
-    A dict of 0-d arrays: ``learning_rate`` and ``momentum`` (the values
+    A dict of 0-d arrays (with the leading axes of a stacked state):
+    ``learning_rate`` and ``momentum`` (the values
     applied at the last step), ``lr_t``, ``mu_t`` (instantaneous tuner
     output), ``lr``, ``mu`` (smoothed), ``h_min``, ``h_max``, ``grad_var``,
     ``dist_to_opt``, ``step``, ``skipped_steps`` and, for the closed loop,
@@ -71,7 +89,17 @@ def hyperparams(state: Any) -> dict[str, jax.Array]:
     >>> print(f"{float(yf.hyperparams(state)['learning_rate']):.0e}")
     1e-04
   """
-  found = find_scalars(state, HYPERPARAM_NAMES)
+  found: dict[str, jax.Array] = {}
+  for name, value in _own_fields(state):
+    leaves = jax.tree.leaves(value)  # Flax NNX: a Variable around the array
+    if name not in HYPERPARAM_NAMES or len(leaves) != 1:
+      continue
+    if name in found:
+      raise ValueError(
+          f'The state holds more than one {name!r}: it contains several '
+          "YellowFin optimizers. Call hyperparams() on each one's state."
+      )
+    found[name] = leaves[0]
   if 'algorithmic_momentum' in found:
     found['momentum'] = found['algorithmic_momentum']
   return found

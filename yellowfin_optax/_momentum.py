@@ -1,6 +1,6 @@
 """Momentum SGD with tuned values, exactly as ``torch.optim.SGD`` applies it.
 
-Memory: one parameter-size buffer (the momentum trace, in the gradient dtype)
+Memory: one parameter-size buffer (the momentum trace, in the params' dtypes)
 plus the wrapped tuner's state.
 """
 
@@ -25,6 +25,18 @@ def offset_momentum(
   if momentum_range is not None:
     moved = jnp.clip(moved, *momentum_range)
   return jnp.where(offset == 0.0, momentum, moved)
+
+
+def applied_momentum(
+    tuner_state: Any,
+    momentum_offset: jax.Array | None = None,
+    momentum_range: tuple[float, float] | None = None,
+) -> jax.Array:
+  """The momentum :func:`tuned_momentum` applies: the tuner's, moved by the
+  closed loop's ``momentum_offset`` if given (see :func:`offset_momentum`)."""
+  if momentum_offset is None:
+    return tuner_state.momentum
+  return offset_momentum(tuner_state.momentum, momentum_offset, momentum_range)
 
 
 def momentum_trace(
@@ -100,7 +112,6 @@ def tuned_momentum(
     tuner: optax.GradientTransformation,
     *,
     nesterov: bool = False,
-    momentum_range: tuple[float, float] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Momentum SGD with the learning rate and momentum chosen by ``tuner``.
 
@@ -115,16 +126,15 @@ def tuned_momentum(
   ``v`` untouched and applies :math:`-\alpha g`, so the step-0 gradient of a
   run started at :math:`\mu_0 = 0` never enters ``v``.
 
-  ``update`` accepts a keyword ``momentum_offset`` (the closed loop's
-  correction :math:`\delta`): then :math:`\mu + \delta` is applied, clipped to
-  ``momentum_range`` (and :math:`\mu` itself while :math:`\delta = 0`).
+  ``update`` accepts the keywords ``momentum_offset`` (the closed loop's
+  correction :math:`\delta`) and ``momentum_range``: then :math:`\mu + \delta`
+  is applied, clipped to ``momentum_range`` if given (and :math:`\mu` itself
+  while :math:`\delta = 0`). :func:`closed_loop` passes both.
 
   Args:
     tuner: a transformation whose state has ``learning_rate`` and ``momentum``
       fields, normally :func:`yellowfin_tuner`.
     nesterov: use Nesterov momentum.
-    momentum_range: ``(low, high)`` bounds for the offset momentum; ``None``
-      applies the tuner's momentum unclipped.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose updates are to be added
@@ -149,12 +159,11 @@ def tuned_momentum(
     )
 
   def update_fn(updates, state, params=None, *, momentum_offset=None,
-                **extra_args):
+                momentum_range=None, **extra_args):
     del extra_args
     grads, tuner_state = tuner.update(updates, state.tuner, params)
-    lr, mu = tuner_state.learning_rate, tuner_state.momentum
-    if momentum_offset is not None:
-      mu = offset_momentum(mu, momentum_offset, momentum_range)
+    lr = tuner_state.learning_rate
+    mu = applied_momentum(tuner_state, momentum_offset, momentum_range)
     trace = momentum_trace(grads, state.trace, mu)
     new_updates = momentum_updates(grads, trace, lr, mu, nesterov=nesterov)
     return new_updates, TunedMomentumState(tuner=tuner_state, trace=trace)

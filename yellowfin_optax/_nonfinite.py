@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 NONFINITE_MODES = ('skip', 'raise_in_debug', 'propagate')
+UPDATE_CHECKS = ('all', 'narrow')
 
 
 class SkipNonFiniteState(NamedTuple):
@@ -85,6 +86,7 @@ def skip_nonfinite(
     *,
     on_nonfinite: str = 'skip',
     check_gradients: bool = True,
+    check_updates: str = 'all',
     updates_from_state: (
         Callable[[optax.Updates, Any], optax.Updates] | None
     ) = None,
@@ -118,6 +120,13 @@ def skip_nonfinite(
       is non-finite exactly when they are: YellowFin's ``grad_sq_norm``
       (``||g||^2``), which :func:`yellowfin` and
       :func:`closed_loop_yellowfin` rely on.
+    check_updates: ``'all'`` checks every update entry; ``'narrow'`` only
+      those of leaves narrower than float32 (float16 / bfloat16 traces can
+      overflow). ``'narrow'`` saves a pass over the updates, which must end
+      before anything is written, when ``inner`` cannot turn finite inputs
+      into a non-finite float32 update: momentum SGD with finite tuned
+      scalars only scales and adds finite values (short of overflowing
+      3e38), so :func:`yellowfin` and :func:`closed_loop_yellowfin` pass it.
     updates_from_state: ``f(gradients, new_inner_state) -> updates``, which
       gives ``inner``'s updates from its new state. With it the updates are
       recomputed from the selected state instead of taken from ``inner``:
@@ -131,7 +140,8 @@ def skip_nonfinite(
     An ``optax.GradientTransformationExtraArgs``.
 
   Raises:
-    ValueError: at construction, for an unknown ``on_nonfinite``; at update,
+    ValueError: at construction, for an unknown ``on_nonfinite`` or
+      ``check_updates``; at update,
       if ``params`` is given and its pytree structure differs from the
       gradients'.
 
@@ -148,6 +158,10 @@ def skip_nonfinite(
     raise ValueError(
         f'on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}.'
     )
+  if check_updates not in UPDATE_CHECKS:
+    raise ValueError(
+        f'check_updates must be one of {UPDATE_CHECKS}, got {check_updates!r}.'
+    )
   inner = optax.with_extra_args_support(inner)
   if on_nonfinite == 'propagate':
     return inner
@@ -163,17 +177,13 @@ def skip_nonfinite(
         updates, state.inner, params, **extra_args
     )
     scalars = [x for x in jax.tree.leaves(new_inner) if jnp.ndim(x) == 0]
-    # Updates in float32 or wider are finite when the gradients, the state and
-    # the tuned scalars are (momentum SGD only scales and adds them), so only
-    # narrower ones (float16 / bfloat16 traces can overflow) are checked:
-    # checking float32 ones costs a pass that must end before the final
-    # selects can write anything (BUILD_NOTES.md section 9).
-    narrow = [
+    checked = [
         u for u in jax.tree.leaves(new_updates)
-        if jnp.issubdtype(jnp.result_type(u), jnp.floating)
-        and jnp.finfo(jnp.result_type(u)).bits < 32
-    ]
-    ok = all_finite(scalars) & all_finite(narrow)
+        if check_updates == 'all' or (
+            jnp.issubdtype(jnp.result_type(u), jnp.floating)
+            and jnp.finfo(jnp.result_type(u)).bits < 32)
+    ]  # 'narrow': a pass fewer (BUILD_NOTES.md section 9)
+    ok = all_finite(scalars) & all_finite(checked)
     if check_gradients:
       ok &= all_finite(updates)
     if on_nonfinite == 'raise_in_debug':

@@ -1,7 +1,7 @@
 """Gradient statistics for YellowFin: curvature range, variance, distance.
 
 Memory: one parameter-size float32 buffer (the gradient EMA) and
-``curvature_window + 15`` scalars.
+``curvature_window + 14`` scalars.
 
 References:
   Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
@@ -71,8 +71,10 @@ class GradientStatisticsState(NamedTuple):
 def ema_constants(beta: jax.typing.ArrayLike):
   """Returns ``(beta, 1 - beta, log(beta))`` without rounding a Python beta.
 
-  The spec's Precision rule: ``1 - beta`` and the debias factor must come from
-  the exact ``beta`` the user passed. A Python float stays a Python float
+  ``1 - beta`` and the debias factor must come from the exact ``beta`` the
+  user passed (the reference computes them in float64 from a Python float;
+  rounding ``beta`` to float32 first moves ``1 - beta`` by 1.3e-5
+  relative at 0.999). A Python float stays a Python float
   (a weakly typed constant in the jaxpr); a traced beta (from
   ``optax.inject_hyperparams``) is used in float32.
   """
@@ -214,12 +216,12 @@ def gradient_statistics(
     stat_protect_factor: ``f`` above, >= 0.
     clip_norm: fixed global-norm clip applied before everything; ``None`` for
       none.
-    eps: numerical floor used throughout (the reference's ``1e-6``).
+    eps: numerical floor used throughout, > 0 (the reference's ``1e-6``).
     h_min_quantile: ``None`` (the reference) takes ``h_min`` from the window's
       minimum; a value ``q`` in [0, 1) takes the ``q``-quantile of the window
       instead (linear interpolation), so that a few minibatches that carry
       almost no gradient late in training do not drag ``h_min`` (and with it
-      the learning rate) along (beyond the reference; see BUILD_NOTES.md).
+      the learning rate) along (beyond the reference).
 
   Returns:
     An ``optax.GradientTransformation`` emitting the clipped gradient.
@@ -242,7 +244,7 @@ def gradient_statistics(
   _checks.check_int('curvature_window', curvature_window, 1)
   _checks.check_range('stat_protect_factor', stat_protect_factor, 0.0)
   _checks.check_range('clip_norm', clip_norm, 0.0, low_open=True)
-  _checks.check_range('eps', eps, 0.0, 1.0, high_open=True)
+  _checks.check_range('eps', eps, 0.0, 1.0, low_open=True, high_open=True)
   _checks.check_range('h_min_quantile', h_min_quantile, 0.0, 1.0, high_open=True)
 
   def init_fn(params: optax.Params) -> GradientStatisticsState:

@@ -1,10 +1,10 @@
 """The YellowFin tuner: one learning rate and one momentum from statistics.
 
-Pure functions hold the formulas (each tested alone against the spec); the
+Pure functions hold the formulas (each tested alone); the
 transformation :func:`yellowfin_tuner` wraps :func:`gradient_statistics` and
 keeps the tuned values in its state for :func:`tuned_momentum` to apply.
 
-Memory: the wrapped statistics plus 6 scalars.
+Memory: the wrapped statistics plus 7 scalars.
 
 References:
   Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
@@ -13,7 +13,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +22,7 @@ import optax
 from yellowfin_optax import _checks
 from yellowfin_optax import _statistics
 
-ScalarOrSchedule = Union[jax.typing.ArrayLike, Callable[[jax.Array], jax.Array]]
-
-
-def cubic_root(p: jax.Array) -> jax.Array:
+def cubic_root(p: jax.Array, eps: float = 1e-6) -> jax.Array:
   r"""Root :math:`x = \sqrt{\mu}` of the one-step noisy-quadratic objective.
 
   Minimising :math:`x^2 D^2 + (1-x)^4 C / h_{\min}^2` over :math:`x \in [0, 1)`
@@ -33,13 +30,19 @@ def cubic_root(p: jax.Array) -> jax.Array:
   :math:`p = D^2 h_{\min}^2 / (2C)`, solved by Vieta's substitution. We write
   :math:`\sqrt{p^2 + 4p^3/27}` as :math:`p\sqrt{1 + 4p/27}` (equal for
   :math:`p \ge 0`) so that float32 does not overflow for large ``p``, and
-  polish the root with Newton's method on :math:`p x = (1 - x)^3`.
+  polish the root with Newton's method on :math:`p x = (1 - x)^3`, worked
+  in :math:`x` for a root below 1/2 and in :math:`z = 1 - x` above it, so
+  that neither a root near 0 (large ``p``) nor one near 1 (tiny ``p``) loses
+  its precision to the subtraction.
 
   Args:
     p: the cubic's coefficient, ``>= 0``.
+    eps: the reference's guard of the Vieta substitution against division
+      by zero.
 
   Returns:
-    ``x`` in ``[0, 1)``.
+    ``x`` in ``[0, 1]``: 1 only where ``p`` is so small (below ~1e-23) that
+    :math:`1 - p^{1/3}` rounds to 1 in float32, and at ``p = 0``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -49,18 +52,22 @@ def cubic_root(p: jax.Array) -> jax.Array:
     >>> print(f"x = {float(x):.4f}, residual {float((1 - x)**3 - p * x):.0e}")
     x = 0.2291, residual ...
   """
-  eps = 1e-6  # The reference's guard against w == 0.
   w3 = (-p * jnp.sqrt(1.0 + 4.0 / 27.0 * p) - p) / 2.0
   w = jnp.cbrt(w3)
-  x = jnp.clip(w - p / 3.0 / (w + eps) + 1.0, 0.0, 1.0)
-  # y = w - p/(3w) cancels catastrophically in float32 once p > ~1e4 (the
-  # reference has float64). Two Newton steps on the equivalent p x = (1-x)^3
-  # (monotone on [0, 1]) restore full precision; from x = 0 the first step
-  # already gives 1/(p + 3).
+  y = w - p / 3.0 / (w + eps)  # x - 1
+  # y cancels catastrophically in float32 once p > ~1e4 (the reference has
+  # float64). Two Newton steps on the equivalent p x = (1-x)^3 (monotone on
+  # [0, 1]) restore full precision; from x = 0 the first step already gives
+  # 1/(p + 3). Newton's iterates in z = 1 - x are the same, shifted; they
+  # keep a root near 1 exact, where 1 - x would round to 0.
+  x, z = jnp.clip(y + 1.0, 0.0, 1.0), jnp.clip(-y, 0.0, 1.0)
   for _ in range(2):
-    f = (1.0 - x) ** 3 - p * x
-    x = jnp.clip(x + f / (3.0 * (1.0 - x) ** 2 + p), 0.0, 1.0)
-  return x
+    x = jnp.clip(x + ((1.0 - x) ** 3 - p * x) / (3.0 * (1.0 - x) ** 2 + p),
+                 0.0, 1.0)
+    slope = 3.0 * z**2 + p  # 0 only at z = p = 0, the exact root x = 1
+    z = jnp.clip(z - (z**3 + p * z - p) / jnp.where(slope > 0, slope, 1.0),
+                 0.0, 1.0)
+  return jnp.where(y + 1.0 < 0.5, x, 1.0 - z)
 
 
 def robust_momentum(h_min: jax.Array, h_max: jax.Array, eps: float) -> jax.Array:
@@ -102,7 +109,7 @@ def tune(
     curvature_window: int,
     eps: float = 1e-6,
 ) -> tuple[jax.Array, jax.Array]:
-  r"""YellowFin's instantaneous learning rate and momentum (spec step 7).
+  r"""YellowFin's instantaneous learning rate and momentum.
 
   .. math::
     \mu_t &= \max\left(x^2, \left(\tfrac{\sqrt\kappa - 1}{\sqrt\kappa + 1}
@@ -135,7 +142,8 @@ def tune(
   # float32 once gradient norms pass ~1e9.
   q = (dist_to_opt + eps) * (h_min + eps) / jnp.sqrt(2.0 * (grad_var + eps))
   p = q * q
-  mu_t = jnp.maximum(cubic_root(p) ** 2, robust_momentum(h_min, h_max, eps))
+  mu_t = jnp.maximum(
+      cubic_root(p, eps) ** 2, robust_momentum(h_min, h_max, eps))
   lr_t = (1.0 - jnp.sqrt(mu_t)) ** 2 / (h_min + eps)
   slow_start = (step.astype(jnp.float32) + 1.0) / (10.0 * curvature_window)
   lr_t = jnp.minimum(lr_t, lr_t * slow_start)
@@ -175,7 +183,7 @@ def yellowfin_tuner(
     momentum: jax.typing.ArrayLike = 0.0,
     beta: jax.typing.ArrayLike = 0.999,
     curvature_window: int = 20,
-    lr_factor: ScalarOrSchedule = 1.0,
+    lr_factor: optax.ScalarOrSchedule = 1.0,
     smoothed_hyperparams: bool = False,
     adaptive_clipping: bool = True,
     catastrophic_move_threshold: jax.typing.ArrayLike = 100.0,
@@ -213,21 +221,21 @@ def yellowfin_tuner(
     smoothed_hyperparams: apply the smoothed rather than instantaneous values.
     adaptive_clipping: apply the catastrophic-move cap.
     catastrophic_move_threshold: the cap on ``lr * ||g||``, > 0.
-    eps: numerical floor.
+    eps: numerical floor, > 0.
     debias_smoothed: zero-debias the smoothed values: the ``k``-th tuning step
       moves them by ``(1 - beta) / (1 - beta**k)`` of the way to
       ``(lr_t, mu_t)`` (so the first tuned values replace the initial ones at
       once). The reference's smoothing starts from the initial ``1e-4`` and
       never debiases, which lags for ~``1/(1-beta)`` steps (beyond the
-      reference; see BUILD_NOTES.md).
+      reference).
     max_step_growth: ``None`` (the reference) or a cap ``g``: from step
       ``step_growth_anchor`` on, the effective step ``lr / (1 - mu)`` (before
       ``lr_factor``) may not exceed ``g`` times its value at that step; the
       learning rate is lowered to meet it. Late in training ``h_min`` follows
       near-empty minibatches down and the effective step grows like
-      ``h_min^(-1/3)``; this stops that growth (beyond the reference; see
-      BUILD_NOTES.md).
-    step_growth_anchor: the step whose effective step anchors the cap.
+      ``h_min^(-1/3)``; this stops that growth (beyond the reference).
+    step_growth_anchor: the step (an int >= 1) whose effective step anchors
+      the cap.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`YellowFinTunerState`.
@@ -257,7 +265,8 @@ def yellowfin_tuner(
       low_open=True,
   )
   _checks.check_range('max_step_growth', max_step_growth, 1.0)
-  _checks.check_range('step_growth_anchor', step_growth_anchor, 1)
+  _checks.check_whole('step_growth_anchor', step_growth_anchor, 1)
+  _checks.check_range('eps', eps, 0.0, 1.0, low_open=True, high_open=True)
 
   def init_fn(params):
     # Fresh arrays per field: a shared one could not be donated.
@@ -283,7 +292,7 @@ def yellowfin_tuner(
     mu_t = jnp.where(tuning, mu_t, state.mu_t)
     rate = one_minus_b
     if debias_smoothed:  # the k-th tuning step is step t = k
-      rate = rate / _statistics.debias_factor(t - 1, log_b)
+      rate = rate / _statistics.debias_factor(jnp.maximum(t - 1, 0), log_b)
     lr = jnp.where(tuning, state.lr + rate * (lr_t - state.lr), state.lr)
     mu = jnp.where(tuning, state.mu + rate * (mu_t - state.mu), state.mu)
 
