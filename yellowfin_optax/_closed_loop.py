@@ -442,9 +442,9 @@ def closed_loop(
         updates, state.inner, params, momentum_offset=delta,
         momentum_range=momentum_range, **extra_args
     )
-    names = ('momentum', 'total_momentum', 'measured')
-    found = _hyperparams.find_scalars(inner_state, names)
-    before = _hyperparams.find_scalars(state.inner, names)
+    found = _hyperparams.find_scalars(
+        inner_state, ('momentum', 'total_momentum', 'measured'))
+    before = _hyperparams.find_scalars(state.inner, ('measured',))
     target = found['momentum']
     measured_now = found['measured'] > before['measured']
     corrected = jnp.clip(
