@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 
@@ -57,13 +58,6 @@ def _sort_float32(x: jax.Array) -> jax.Array:
   )
 
 
-def _flat(tree: Any) -> jax.Array:
-  """The leaves of ``tree`` raveled and concatenated, in leaf order."""
-  return jnp.concatenate(
-      [jnp.ravel(x) for x in jax.tree.leaves(tree)] or [jnp.zeros([0])]
-  )
-
-
 def masked_median(values: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
   """Exact median of the masked entries of a pytree (sorts them).
 
@@ -89,7 +83,8 @@ def masked_median(values: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
     >>> print(f"{float(median):.3f} {int(count)}")
     0.500 5
   """
-  v, m = _flat(values).astype(jnp.float32), _flat(mask).astype(bool)
+  v = ravel_pytree(values)[0].astype(jnp.float32)
+  m = ravel_pytree(mask)[0].astype(bool)
   count = jnp.sum(m, dtype=jnp.int32)
   ordered = _sort_float32(jnp.where(m, v, jnp.inf))
   if ordered.size == 0:
@@ -259,10 +254,14 @@ def total_momentum(
         for x, idx in zip(jax.tree.leaves(tree), where)
     ])
 
+  def flat32(tree):
+    """All leaves of ``tree`` in one float32 vector, in leaf order."""
+    return ravel_pytree(optax.tree.cast(tree, jnp.float32))[0]
+
   def take(tree, where):
     """The sampled coordinates of ``tree``, all leaves in one float32
     vector."""
-    return _flat(optax.tree.cast(gather(tree, where), jnp.float32))
+    return flat32(gather(tree, where))
 
   def init_fn(params):
     if sampled:  # the ratio needs past updates at the sample only
@@ -315,9 +314,9 @@ def total_momentum(
     )
     previous = past(slot)
     if sampled and updates_at is not None:
-      written = _flat(optax.tree.cast(updates_at(
+      written = flat32(updates_at(
           lambda tree: gather(tree, where), updates, state.inner, inner_state,
-          **extra_args), jnp.float32))
+          **extra_args))
     else:
       written = here(new_updates)
     if staleness == 0:
