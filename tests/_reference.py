@@ -14,8 +14,8 @@ FILES = ('pytorch_reference_seed0.npz', 'pytorch_reference_options_seed0.npz')
 
 # The reference's argument names -> ours (spec, end of section 2).
 ARGUMENT_NAMES = {
-    'lr': 'learning_rate',
-    'mu': 'momentum',
+    'lr': 'initial_learning_rate',
+    'mu': 'initial_momentum',
     'curv_win_width': 'curvature_window',
     'stat_protect_fac': 'stat_protect_factor',
     'adapt_clip': 'adaptive_clipping',

@@ -1,15 +1,16 @@
-"""Closed-loop YellowFin: measure total momentum, correct by negative feedback.
+"""Closed-loop YellowFin: measure the total momentum, correct it by feedback.
 
-Asynchrony adds momentum. :func:`total_momentum` measures the momentum the
-running system actually has from the history of updates; :func:`closed_loop`
-lowers the algorithmic momentum until the measured total matches YellowFin's
-target; :func:`closed_loop_yellowfin` chains them with stale gradients.
+Asynchrony adds momentum. :func:`closed_loop_yellowfin` measures the
+momentum the running system really has from its recent updates (the paper's
+median estimator, or least squares), and lowers the algorithmic momentum
+until the measured total matches YellowFin's target. :func:`delayed_gradients`
+simulates the staleness of round-robin asynchronous workers; with gradients
+that are really stale, pass ``simulate_staleness=False``.
 
-Memory, with staleness ``tau``: ``tau`` buffers of pending gradients
-(:func:`delayed_gradients`) plus YellowFin's two, ``tau + 2`` parameter-size
-buffers in all; :func:`total_momentum` keeps the last ``tau + 1`` updates at
-its sampled coordinates only (``4096 (tau + 1)`` floats). With
-``estimator='least_squares'`` it keeps them whole: ``2 tau + 3``.
+Memory, staleness ``tau``: YellowFin's two parameter-size buffers, ``tau``
+pending gradients when simulating, and the last ``tau + 1`` updates at 4096
+sampled coordinates (median; the whole updates, ``tau + 1`` buffers, for
+least squares).
 
 References:
   Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
@@ -18,8 +19,7 @@ References:
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,384 +27,61 @@ from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 
-from yellowfin_optax import _alias
-from yellowfin_optax import _checks
-from yellowfin_optax import _delay
-from yellowfin_optax import _hyperparams
-from yellowfin_optax import _momentum
-from yellowfin_optax import _nonfinite
-from yellowfin_optax import _statistics
+from yellowfin_optax import _yellowfin
 
-# Range of the algorithmic momentum (the paper's Figure 3 goes below zero).
-MOMENTUM_RANGE = (-0.9, 0.999)
-# Measured total momentum is reported within this range.
-_ESTIMATE_RANGE = (-2.0, 2.0)
-_TINY = float(jnp.finfo(jnp.float32).tiny)
+MOMENTUM_RANGE = (-0.9, 0.999)  # the paper's Figure 3 goes below zero
+_ESTIMATE_RANGE = (-2.0, 2.0)  # reported total momentum
+_TINY = float(np.finfo(np.float32).tiny)
+MEDIAN_SAMPLES = 4096  # standard error ~1.25 sigma / sqrt(n): 2% of the spread
 ESTIMATORS = ('median', 'least_squares')
 
 
-def _sort_float32(x: jax.Array) -> jax.Array:
-  """``jnp.sort`` of a float32 vector through order-preserving int32 keys.
-
-  Same result (NaN last); XLA:CPU sorts int32 about 5x faster than float32,
-  whose comparator must order NaN (0.10 vs 0.54 ms for 4096 values).
-  """
-  x = jnp.where(jnp.isnan(x), jnp.nan, x)  # one NaN bit pattern: sorts last
-  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-  flip = jnp.int32(0x7FFFFFFF)  # negative floats: reverse the magnitude bits
-  keys = jax.lax.sort(jnp.where(bits < 0, bits ^ flip, bits), is_stable=False)
-  return jax.lax.bitcast_convert_type(
-      jnp.where(keys < 0, keys ^ flip, keys), jnp.float32
-  )
+# --------------------------------------------------------------------------
+# Simulated staleness.
 
 
-def masked_median(values: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
-  """Exact median of the masked entries of a pytree (sorts them).
-
-  Meant for the few thousand sampled coordinates of :func:`total_momentum`;
-  the median of an even count is the mean of the two middle values.
-
-  Args:
-    values: pytree of arrays.
-    mask: pytree of booleans like ``values``: which entries count.
-
-  Returns:
-    ``(median, count)``: the median (0 when ``count`` is 0) and the number of
-    masked entries.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import yellowfin_optax as yf
-    >>> values = {'a': jnp.array([0.1, 0.9, 0.5]),
-    ...           'b': jnp.array([0.3, 0.7, 5.0])}
-    >>> mask = {'a': jnp.array([True, True, True]),
-    ...         'b': jnp.array([True, True, False])}
-    >>> median, count = yf.masked_median(values, mask)
-    >>> print(f"{float(median):.3f} {int(count)}")
-    0.500 5
-  """
-  v = ravel_pytree(values)[0].astype(jnp.float32)
-  m = ravel_pytree(mask)[0].astype(bool)
-  count = jnp.sum(m, dtype=jnp.int32)
-  ordered = _sort_float32(jnp.where(m, v, jnp.inf))
-  if ordered.size == 0:
-    return jnp.zeros([], jnp.float32), count
-  lower = ordered[jnp.maximum(count - 1, 0) // 2]
-  upper = ordered[jnp.minimum(count // 2, ordered.size - 1)]
-  return jnp.where(count > 0, (lower + upper) / 2, 0.0), count
-
-
-def _gather(x: jax.Array, index: tuple[np.ndarray, ...]) -> jax.Array:
-  """``x[index]``, replicated; an explicitly sharded ``x`` must be told so."""
-  if not _statistics.is_unsharded(x):
-    return x.at[index].get(out_sharding=jax.sharding.PartitionSpec())
-  return x[index]
-
-
-def sample_coordinates(
-    shapes: list[tuple[int, ...]], samples: int | None, seed: int = 0
-) -> list[tuple[np.ndarray, ...]]:
-  """Fixed coordinates, uniform over all leaves, for the median estimator.
-
-  Chosen once, at trace time, from the shapes alone (the same on every device
-  and every step); ``samples=None`` or at least the total size takes every
-  coordinate. Returns, per leaf, a tuple of index arrays (one per axis), so
-  that gathering needs no reshape of a sharded array; 0-d leaves count as
-  shape ``(1,)``.
-  """
-  shapes = [shape or (1,) for shape in shapes]  # 0-d leaves as 1-vectors
-  sizes = [int(np.prod(shape)) for shape in shapes]
-  total = sum(sizes)
-  if samples is None or samples >= total:
-    flat = np.arange(total)
-  else:
-    rng = np.random.default_rng(seed)
-    flat = np.sort(rng.choice(total, samples, replace=False))
-  offsets = np.cumsum([0] + sizes)
-  return [
-      np.unravel_index(flat[(flat >= lo) & (flat < hi)] - lo, shape)
-      for shape, lo, hi in zip(shapes, offsets[:-1], offsets[1:])
-  ]
-
-
-class TotalMomentumState(NamedTuple):
-  """State of :func:`total_momentum`.
+class DelayedGradientsState(NamedTuple):
+  """State of :func:`delayed_gradients`.
 
   Attributes:
-    inner: state of the wrapped optimizer.
-    total_momentum: last measured total momentum (0 until measurable).
-    measured: int32, number of steps measured so far.
-    count: int32, number of steps taken (saturating).
-    past_updates: ring of the last updates ``x_{s+1} - x_s``, a pytree like
-      the params with a leading ``[staleness + 1]`` axis; with the median
-      estimator only the sampled coordinates are kept, in one float32 array
-      of shape ``[staleness + 1, n]`` (the leaves' samples in leaf order: one
-      state buffer however many leaves the params have).
-    past_step_sizes: ``[staleness + 1]`` ring of the applied gradient step
-      sizes (learning rate times the gradient's clipping factor).
+    received: int32, gradients received (saturating).
+    pending: pytree like the params with a leading ``[staleness]`` axis: the
+      ring of gradients not yet applied; slot ``received % staleness`` holds
+      the oldest.
+    pending_values: ``[staleness]`` float32, the losses passed with them as
+      ``value=`` (0 when none was passed).
+    inner: state of the wrapped transformation.
   """
 
+  received: jax.Array
+  pending: optax.Updates
+  pending_values: jax.Array
   inner: Any
-  total_momentum: jax.Array
-  measured: jax.Array
-  count: jax.Array
-  past_updates: optax.Updates
-  past_step_sizes: jax.Array
 
 
-def total_momentum(
-    inner: optax.GradientTransformation,
-    *,
-    staleness: int = 0,
-    learning_rate: jax.typing.ArrayLike | None = None,
-    estimator: str = 'median',
-    median_samples: int | None = 4096,
-    updates_at: Callable[..., optax.Updates] | None = None,
+def _ring(params, size: int):
+  """Zeros like ``params`` with a leading ``[size]`` axis; broadcast from
+  ``zeros_like`` so the ring inherits the params' sharding."""
+  return jax.tree.map(
+      lambda p: jnp.broadcast_to(jnp.zeros_like(p)[None], (size,) + p.shape),
+      params)
+
+
+def delayed_gradients(
+    staleness: int,
+    inner: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Measures the total momentum of the system ``inner`` runs in.
+  r"""Feeds ``inner`` the gradient (and ``value``) received ``staleness``
+  steps earlier, as ``M = staleness + 1`` round-robin workers would.
 
-  Models the run as :math:`x_{s+1} - x_s = \mu_T (x_s - x_{s-1}) -
-  \alpha_s \nabla f(x_s)` and estimates :math:`\mu_T` as the median over
-  coordinates of
-
-  .. math::
-    \hat\mu_T = \operatorname{median}_i
-      \frac{(x_{s+1} - x_s)_i + \alpha_s \nabla f(x_s)_i}{(x_s - x_{s-1})_i},
-
-  where :math:`s = t - \tau` is the iterate at which the gradient arriving now
-  was computed. Optax updates are :math:`x_{s+1} - x_s`, so a ring of the last
-  :math:`\tau + 1` updates and step sizes suffices. :math:`\alpha_s` is the
-  learning rate times the clipping factor applied to that step's gradient:
-  with no staleness and heavy-ball momentum the estimate is exactly
-  :math:`\mu\,\text{lr}_s / \text{lr}_{s-1}` (the clipping factors cancel).
-  Coordinates whose denominator is zero or non-finite are left out; with
-  none left (or before :math:`\tau + 2` steps) the previous estimate is
-  kept. The median is taken exactly over a
-  fixed uniform sample of ``median_samples`` coordinates (all of them in
-  smaller models), chosen once from the shapes: its standard error is
-  :math:`\approx 1.25\,\sigma/\sqrt{n}` (2% of the ratios' spread at 4096),
-  and it costs a gather of that many entries from the update and the
-  gradient instead of passes over every parameter, and a ring of past
-  updates at those coordinates only; under ``pmap`` every replica samples
-  the same coordinates, under sharding XLA gathers them across devices.
-  Estimates are reported within [-2, 2].
+  While the ring fills (the first :math:`\tau` steps) the update is zero and
+  ``inner`` is not called, so its statistics never see placeholder zeros
+  (feeding zeros to YellowFin collapses its curvature estimate).
+  ``staleness=0`` returns ``inner``.
 
   Args:
-    inner: the optimizer to watch; receives the (stale) gradients unchanged.
-    staleness: the gradient delay :math:`\tau` of the system, >= 0.
-    learning_rate: the constant learning rate of ``inner``; ``None`` reads the
-      ``learning_rate`` (and ``grad_scale``, if any) fields of ``inner``'s
-      state after each step, as YellowFin's state has.
-    estimator: ``'median'`` (the paper's) or ``'least_squares'``:
-      :math:`\langle n, d\rangle / \langle d, d\rangle` over all coordinates
-      (numerator ``n`` and denominator ``d`` as above), i.e. the ratios
-      weighted by :math:`d_i^2`. Asynchrony destabilises the few
-      high-curvature directions, which move most; the median barely sees
-      them, the least-squares fit is dominated by them. One pass over the
-      buffers (two dot products).
-    median_samples: coordinates the median is taken over; ``None`` for all
-      of them (exact, but a sort of every coordinate each step).
-    updates_at: median estimator only: ``f(take, grads, state, new_state,
-      **extra_args)`` giving ``inner``'s new updates at the sampled
-      coordinates from its inputs there (``take(tree)`` gathers a pytree
-      like the params at them; ``state``/``new_state`` are ``inner``'s).
-      Without it they are gathered from ``inner``'s output, which makes XLA
-      write the new momentum buffer to a temporary first; with it the
-      buffer is written once, in place. :func:`closed_loop_yellowfin`
-      passes it.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are
-    passed on to ``inner``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import yellowfin_optax as yf
-    >>> tx = yf.total_momentum(optax.sgd(0.1, momentum=0.5), learning_rate=0.1)
-    >>> x = jnp.linspace(1.0, 2.0, 5)
-    >>> state = tx.init(x)
-    >>> for _ in range(5):
-    ...   u, state = tx.update(x, state)  # gradient of |x|^2 / 2
-    ...   x = x + u
-    >>> print(f"{float(state.total_momentum):.3f}")
-    0.500
-  """
-  _checks.check_int('staleness', staleness, 0)
-  _checks.check_range('learning_rate', learning_rate, 0.0, low_open=True)
-  if median_samples is not None:
-    _checks.check_int('median_samples', median_samples, 1)
-  if estimator not in ESTIMATORS:
-    raise ValueError(
-        f'estimator must be one of {ESTIMATORS}, got {estimator!r}.'
-    )
-  inner = optax.with_extra_args_support(inner)
-  size = staleness + 1
-  sampled = estimator == 'median'
-
-  def coordinates(tree):
-    return sample_coordinates(
-        [jnp.shape(x) for x in jax.tree.leaves(tree)], median_samples
-    )
-
-  def gather(tree, where):
-    """The sampled coordinates of ``tree``, per leaf, in its dtypes."""
-    return jax.tree.unflatten(jax.tree.structure(tree), [
-        _gather(jnp.atleast_1d(x), idx)
-        for x, idx in zip(jax.tree.leaves(tree), where)
-    ])
-
-  def flat32(tree):
-    """All leaves of ``tree`` in one float32 vector, in leaf order."""
-    return ravel_pytree(optax.tree.cast(tree, jnp.float32))[0]
-
-  def take(tree, where):
-    """The sampled coordinates of ``tree``, all leaves in one float32
-    vector."""
-    return flat32(gather(tree, where))
-
-  def init_fn(params):
-    if sampled:  # the ratio needs past updates at the sample only
-      count = sum(len(idx[0]) for idx in coordinates(params))
-      past_updates = jnp.zeros((size, count), jnp.float32)
-    else:
-      past_updates = jax.tree.map(
-          lambda p: jnp.broadcast_to(
-              jnp.zeros_like(p)[None], (size,) + jnp.shape(p)
-          ),
-          params,
-      )
-    return TotalMomentumState(
-        inner=inner.init(params),
-        total_momentum=jnp.zeros([], jnp.float32),
-        measured=jnp.zeros([], jnp.int32),
-        count=jnp.zeros([], jnp.int32),
-        past_updates=past_updates,
-        past_step_sizes=jnp.zeros([size], jnp.float32),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    new_updates, inner_state = inner.update(
-        updates, state.inner, params, **extra_args
-    )
-    if learning_rate is None:
-      found = _hyperparams.find_scalars(
-          inner_state, ('learning_rate', 'grad_scale')
-      )
-      if 'learning_rate' not in found:
-        raise ValueError(
-            'total_momentum(learning_rate=None) reads the learning_rate field '
-            "of inner's state, and inner's state has none: pass the constant "
-            'learning_rate of inner.'
-        )
-      step_size = found['learning_rate'] * found.get('grad_scale', 1.0)
-    else:
-      step_size = jnp.asarray(learning_rate, jnp.float32)
-
-    t = state.count
-    slot = t % size  # holds x_{t-tau} - x_{t-tau-1}: read, then overwritten.
-    # With the median estimator everything below is at the sampled
-    # coordinates: gathers of a few thousand entries instead of passes over
-    # every parameter, and a ring of samples instead of whole updates.
-    where = coordinates(updates) if sampled else None
-    here = (lambda tree: take(tree, where)) if sampled else (
-        lambda tree: optax.tree.cast(tree, jnp.float32))
-    past = lambda i: jax.tree.map(
-        lambda b: b[i].astype(jnp.float32), state.past_updates
-    )
-    previous = past(slot)
-    if sampled and updates_at is not None:
-      written = flat32(updates_at(
-          lambda tree: gather(tree, where), updates, state.inner, inner_state,
-          **extra_args))
-    else:
-      written = here(new_updates)
-    if staleness == 0:
-      latest, latest_size = written, step_size
-    else:
-      newer = (t - staleness) % size
-      latest = past(newer)
-      latest_size = state.past_step_sizes[newer]
-
-    numerator = jax.tree.map(
-        lambda u, g: u + latest_size * g, latest, here(updates)
-    )
-    if sampled:
-      n, d = jax.tree.leaves(numerator), jax.tree.leaves(previous)
-      usable = [(jnp.abs(b) > _TINY) & jnp.isfinite(a) & jnp.isfinite(b)
-                for a, b in zip(n, d)]
-      ratios = [jnp.where(ok, a / jnp.where(ok, b, 1.0), 0.0)
-                for a, b, ok in zip(n, d, usable)]
-      estimate, count = masked_median(ratios, usable)
-      estimate = jnp.clip(estimate, *_ESTIMATE_RANGE)
-    else:  # least squares: <n, d> / <d, d>
-      nd, dd = _statistics.tree_dots(
-          (numerator, previous), [(0, 1), (1, 1)])
-      ok = (dd > _TINY) & jnp.isfinite(nd) & jnp.isfinite(dd)
-      estimate = jnp.clip(nd / jnp.where(ok, dd, 1.0), *_ESTIMATE_RANGE)
-      count = ok.astype(jnp.int32)
-    measurable = (t >= staleness + 1) & (count > 0)
-
-    return new_updates, TotalMomentumState(
-        inner=inner_state,
-        total_momentum=jnp.where(measurable, estimate, state.total_momentum),
-        measured=state.measured + measurable.astype(jnp.int32),
-        count=optax.safe_increment(t),
-        past_updates=jax.tree.map(
-            lambda b, u: b.at[slot].set(u.astype(b.dtype)),
-            state.past_updates, written,
-        ),
-        past_step_sizes=state.past_step_sizes.at[slot].set(step_size),
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class ClosedLoopState(NamedTuple):
-  """State of :func:`closed_loop`.
-
-  Attributes:
-    inner: state of the wrapped (measuring) optimizer.
-    momentum_offset: the controller's correction :math:`\\delta`.
-    target_momentum: the tuner's momentum :math:`\\mu^*` at the last step.
-    algorithmic_momentum: :math:`\\mu^* + \\delta` applied at the last step,
-      clipped to ``momentum_range``.
-  """
-
-  inner: Any
-  momentum_offset: jax.Array
-  target_momentum: jax.Array
-  algorithmic_momentum: jax.Array
-
-
-def closed_loop(
-    inner: optax.GradientTransformation,
-    *,
-    gain: jax.typing.ArrayLike = 0.01,
-    momentum_range: tuple[float, float] = MOMENTUM_RANGE,
-) -> optax.GradientTransformationExtraArgs:
-  r"""Negative feedback on momentum: match measured total momentum to target.
-
-  ``inner`` is a :func:`total_momentum` around :func:`tuned_momentum`: its
-  state holds the tuner's ``momentum`` (the target :math:`\mu^*`) and the
-  measured ``total_momentum`` :math:`\hat\mu_T`. Each step it is called with
-  ``momentum_offset=delta``, so the applied algorithmic momentum is
-  :math:`\mu = \mathrm{clip}(\mu^* + \delta)`, and then
-
-  .. math::
-    \delta \leftarrow \delta + \gamma (\mu^* - \hat\mu_T),
-
-  applied from the next step. This has the fixed point of the paper's
-  :math:`\mu \leftarrow \mu + \gamma(\mu^* - \hat\mu_T)` but follows changes of
-  :math:`\mu^*` at once; :math:`\delta` is clipped so that
-  :math:`\mu^* + \delta` stays in ``momentum_range`` (no wind-up), and it
-  moves only on steps where :math:`\hat\mu_T` was measured. ``gain=0`` is
-  open-loop YellowFin with the measurement on.
-
-  Args:
-    inner: the measuring optimizer (see above).
-    gain: :math:`\gamma \ge 0`.
-    momentum_range: bounds of the algorithmic momentum.
+    staleness: the delay :math:`\tau \ge 0` (a Python int: a buffer shape).
+    inner: the transformation fed the stale gradients; ``None`` emits them.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -412,127 +89,234 @@ def closed_loop(
   Examples:
     >>> import jax.numpy as jnp
     >>> import yellowfin_optax as yf
-    >>> tx = yf.closed_loop_yellowfin(staleness=1)
-    >>> state = tx.init(jnp.zeros(2))
+    >>> tx = yf.delayed_gradients(2)
+    >>> state = tx.init(jnp.zeros(1))
     >>> for t in range(4):
-    ...   _, state = tx.update(jnp.array([1.0, -1.0]) / (t + 1), state)
-    >>> sorted(k for k in yf.hyperparams(state) if 'momentum' in k)
-    ['algorithmic_momentum', 'momentum', 'target_momentum', 'total_momentum']
+    ...   out, state = tx.update(jnp.array([t + 1.0]), state)
+    ...   print(out)
+    [0.]
+    [0.]
+    [1.]
+    [2.]
   """
-  _checks.check_range('gain', gain, 0.0)
-  low, high = momentum_range
-  if not -1.0 <= low < high <= 1.0:
-    raise ValueError(
-        'momentum_range must be (low, high) with -1 <= low < high <= 1, '
-        f'got {momentum_range!r}.'
-    )
-  inner = optax.with_extra_args_support(inner)
+  staleness = _yellowfin.static_int('staleness', staleness, 0)
+  inner = optax.with_extra_args_support(
+      optax.identity() if inner is None else inner)
+  if staleness == 0:
+    return inner
 
   def init_fn(params):
-    zero = lambda: jnp.zeros([], jnp.float32)  # fresh arrays: donatable
-    return ClosedLoopState(
-        inner=inner.init(params), momentum_offset=zero(),
-        target_momentum=zero(), algorithmic_momentum=zero(),
-    )
+    return DelayedGradientsState(
+        received=jnp.zeros([], jnp.int32), pending=_ring(params, staleness),
+        pending_values=jnp.zeros([staleness], jnp.float32),
+        inner=inner.init(params))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    delta = state.momentum_offset
-    new_updates, inner_state = inner.update(
-        updates, state.inner, params, momentum_offset=delta,
-        momentum_range=momentum_range, **extra_args
-    )
-    found = _hyperparams.find_scalars(
-        inner_state, ('momentum', 'total_momentum', 'measured'))
-    before = _hyperparams.find_scalars(state.inner, ('measured',))
-    target = found['momentum']
-    measured_now = found['measured'] > before['measured']
-    corrected = jnp.clip(
-        delta + gain * (target - found['total_momentum']),
-        low - target, high - target,
-    )
-    return new_updates, ClosedLoopState(
-        inner=inner_state,
-        momentum_offset=jnp.where(measured_now, corrected, delta),
-        target_momentum=target,
-        algorithmic_momentum=_momentum.offset_momentum(
-            target, delta, momentum_range
-        ),
-    )
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    slot = state.received % staleness
+    stale = jax.tree.map(lambda b: b[slot], state.pending)
+    stale_value = state.pending_values[slot]
+    if value is not None:
+      extra_args['value'] = stale_value
+
+    def apply(_):
+      return inner.update(stale, state.inner, params, **extra_args)
+
+    def wait(_):
+      shapes = jax.eval_shape(apply, None)[0]
+      # zeros_like(stale) carries the gradients' sharding: cond's branches
+      # must agree on it.
+      zeros = jax.tree.map(lambda s, g: jnp.zeros_like(g, dtype=s.dtype),
+                           shapes, stale)
+      return zeros, state.inner
+
+    new_updates, inner_state = jax.lax.cond(
+        state.received >= staleness, apply, wait, None)
+    values = state.pending_values
+    if value is not None:
+      values = values.at[slot].set(jnp.asarray(value, jnp.float32))
+    return new_updates, DelayedGradientsState(
+        received=optax.safe_increment(state.received),
+        pending=jax.tree.map(lambda b, g: b.at[slot].set(g.astype(b.dtype)),
+                             state.pending, updates),
+        pending_values=values, inner=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _tuned_updates_at(
-    take: Callable[[optax.Updates], optax.Updates],
-    grads: optax.Updates,
-    state: _momentum.TunedMomentumState,
-    new_state: _momentum.TunedMomentumState,
-    *,
-    nesterov: bool,
-    momentum_offset: jax.Array | None = None,
-    momentum_range: tuple[float, float] | None = None,
-    **extra_args: Any,
-) -> optax.Updates:
-  """``tuned_momentum``'s new updates at the sampled coordinates, from its
-  inputs there: the gradient, clipped as the statistics clipped it, and the
-  old trace (``total_momentum``'s ``updates_at``)."""
-  del extra_args  # tuned_momentum ignores them too
-  tuner = new_state.tuner
-  momentum = _momentum.applied_momentum(tuner, momentum_offset, momentum_range)
-  clipped = _statistics.scale_gradients(
-      take(grads), tuner.statistics.grad_scale)
-  trace = _momentum.momentum_trace(clipped, take(state.trace), momentum)
-  return _momentum.momentum_updates(
-      clipped, trace, tuner.learning_rate, momentum, nesterov=nesterov)
+# --------------------------------------------------------------------------
+# The total-momentum estimators (pure functions).
+
+
+def _sort_float32(x: jax.Array) -> jax.Array:
+  """``jnp.sort`` of a float32 vector through order-preserving int32 keys
+  (NaN last); XLA:CPU sorts int32 about 5x faster than float32."""
+  x = jnp.where(jnp.isnan(x), jnp.nan, x)  # one NaN bit pattern: sorts last
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  flip = jnp.int32(0x7FFFFFFF)  # negative floats: reverse the magnitude bits
+  keys = jax.lax.sort(jnp.where(bits < 0, bits ^ flip, bits), is_stable=False)
+  return jax.lax.bitcast_convert_type(
+      jnp.where(keys < 0, keys ^ flip, keys), jnp.float32)
+
+
+def masked_median(values: jax.Array, mask: jax.Array):
+  """Exact median of ``values[mask]`` (1-d): ``(median, count)``; 0 when
+  ``count`` is 0; the mean of the two middle values for an even count."""
+  count = jnp.sum(mask, dtype=jnp.int32)
+  ordered = _sort_float32(jnp.where(mask, values, jnp.inf))
+  if ordered.size == 0:
+    return jnp.zeros([], jnp.float32), count
+  lower = ordered[jnp.maximum(count - 1, 0) // 2]
+  upper = ordered[jnp.minimum(count // 2, ordered.size - 1)]
+  return jnp.where(count > 0, (lower + upper) / 2, 0.0), count
+
+
+def median_momentum(numerator, denominator):
+  r"""The paper's estimate :math:`\operatorname{median}_i n_i / d_i` over
+  coordinates whose :math:`d_i` is usable (non-zero, finite):
+  ``(estimate, count)``."""
+  usable = (jnp.abs(denominator) > _TINY) & jnp.isfinite(numerator) & (
+      jnp.isfinite(denominator))
+  ratios = jnp.where(usable, numerator / jnp.where(usable, denominator, 1.0),
+                     0.0)
+  return masked_median(ratios, usable)
+
+
+def least_squares_momentum(numerator, denominator):
+  r""":math:`\langle n, d\rangle / \langle d, d\rangle`: the ratios weighted by
+  :math:`d_i^2`, dominated by the directions that move most (those that
+  asynchrony destabilises): ``(estimate, count)``, count 1 or 0."""
+  nd, dd = _yellowfin.tree_dots((numerator, denominator), [(0, 1), (1, 1)])
+  ok = (dd > _TINY) & jnp.isfinite(nd) & jnp.isfinite(dd)
+  return nd / jnp.where(ok, dd, 1.0), ok.astype(jnp.int32)
+
+
+def sample_coordinates(shapes, samples: int, seed: int = 0):
+  """Fixed coordinates, uniform over all leaves, chosen at trace time from the
+  shapes alone (the same on every device and step); all of them when
+  ``samples`` is at least the total size. Per leaf, a tuple of index arrays
+  (one per axis: gathering needs no reshape of a sharded array)."""
+  shapes = [shape or (1,) for shape in shapes]  # 0-d leaves as 1-vectors
+  sizes = [int(np.prod(shape)) for shape in shapes]
+  total = sum(sizes)
+  if samples >= total:
+    flat = np.arange(total)
+  else:
+    flat = np.sort(np.random.default_rng(seed).choice(total, samples,
+                                                      replace=False))
+  offsets = np.cumsum([0] + sizes)
+  return [np.unravel_index(flat[(flat >= lo) & (flat < hi)] - lo, shape)
+          for shape, lo, hi in zip(shapes, offsets[:-1], offsets[1:])]
+
+
+def _take(tree, where) -> jax.Array:
+  """``tree`` at the sampled coordinates, all leaves in one float32 vector."""
+  def gather(x, index):
+    x = jnp.atleast_1d(x)
+    if not _yellowfin.is_unsharded(x):  # an explicitly sharded x: say so
+      return x.at[index].get(out_sharding=jax.sharding.PartitionSpec())
+    return x[index]
+  parts = [gather(x, i).astype(jnp.float32)
+           for x, i in zip(jax.tree.leaves(tree), where)]
+  return ravel_pytree(parts)[0]
+
+
+# --------------------------------------------------------------------------
+# The closed loop.
+
+
+class ClosedLoopState(NamedTuple):
+  """State of the closed loop (inside :func:`closed_loop_yellowfin`).
+
+  Attributes:
+    yellowfin: the tuner's :class:`YellowFinState` (its ``momentum`` is the
+      algorithmic momentum applied).
+    momentum_offset: the controller's correction :math:`\\delta`.
+    target_momentum: the tuner's momentum :math:`\\mu^*` at the last step.
+    total_momentum: the last measured total momentum (0 until measurable).
+    measured: int32, steps on which it was measured.
+    past_updates: ring of the last ``staleness + 1`` updates: ``[tau + 1, n]``
+      float32 at the sampled coordinates (median) or a pytree like the params
+      with a leading ``[tau + 1]`` axis (least squares).
+    past_step_sizes: ``[tau + 1]``, the applied gradient step sizes (learning
+      rate times the gradient's clip factor).
+  """
+
+  yellowfin: _yellowfin.YellowFinState
+  momentum_offset: jax.Array
+  target_momentum: jax.Array
+  total_momentum: jax.Array
+  measured: jax.Array
+  past_updates: Any
+  past_step_sizes: jax.Array
+  REPORTED = ('target_momentum', 'total_momentum')
 
 
 def closed_loop_yellowfin(
+    *,
     staleness: int = 0,
     gain: jax.typing.ArrayLike = 0.01,
-    *,
-    nesterov: bool = False,
-    on_nonfinite: str = 'skip',
     estimator: str = 'median',
-    **yellowfin_options: Any,
+    simulate_staleness: bool = True,
+    momentum_range: tuple[float, float] = MOMENTUM_RANGE,
+    curvature: str = 'gradient',
+    lr_factor: optax.ScalarOrSchedule = 1.0,
+    nesterov: bool = False,
+    axis_name: str | None = None,
+    on_nonfinite: str = 'skip',
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Closed-loop YellowFin on gradients that arrive ``staleness`` steps late.
+  r"""Closed-loop YellowFin for gradients that arrive ``staleness`` steps late.
 
-  The chain, outermost first: the mean over ``axis_name`` (if given),
-  :func:`delayed_gradients` (simulated
-  asynchrony) -> :func:`skip_nonfinite` -> :func:`closed_loop` ->
-  :func:`total_momentum` -> :func:`tuned_momentum` -> :func:`yellowfin_tuner`
-  -> :func:`gradient_statistics`. The tuner, fed the stale gradients, gives
-  the target momentum; the loop lowers the algorithmic momentum until the
-  measured total momentum matches it.
+  The tuner, fed the stale gradients, gives the target momentum
+  :math:`\mu^*`. Each step the total momentum is measured as (the paper's
+  median over coordinates, or least squares)
+
+  .. math::
+    \hat\mu_T = \operatorname{median}_i
+      \frac{(x_{s+1} - x_s)_i + \alpha_s \nabla f(x_s)_i}{(x_s - x_{s-1})_i},
+    \quad s = t - \tau,
+
+  from a ring of the last :math:`\tau + 1` updates (Optax updates are
+  :math:`x_{s+1} - x_s`), and the applied algorithmic momentum is
+  :math:`\mathrm{clip}(\mu^* + \delta)` with
+  :math:`\delta \leftarrow \delta + \gamma(\mu^* - \hat\mu_T)`: the fixed point
+  of the paper's :math:`\mu \leftarrow \mu + \gamma(\mu^* - \hat\mu_T)`, but
+  following changes of :math:`\mu^*` at once; ``gain=0`` is open-loop
+  YellowFin bit for bit. :math:`\alpha_s` is the learning rate times the
+  gradient's clip factor; with no staleness the estimate is
+  :math:`\mu\,\alpha_s/\alpha_{s-1}`.
 
   Args:
-    staleness: gradient delay :math:`\tau` (``M`` round-robin workers:
-      ``M - 1``); 0 for a synchronous run (the loop then only measures
-      heavy-ball momentum itself).
-    gain: feedback gain :math:`\gamma`; 0 is open loop with measurement.
-    nesterov: use Nesterov momentum.
-    on_nonfinite: see :func:`skip_nonfinite`.
-    estimator: total-momentum estimator, ``'median'`` (the paper's) or
-      ``'least_squares'``; see :func:`total_momentum`.
-    **yellowfin_options: any option of :func:`yellowfin` (``learning_rate``,
-      ``beta``, ``curvature_window``, ...).
+    staleness: the gradient delay :math:`\tau` (``M`` round-robin workers:
+      ``M - 1``), an int >= 0.
+    gain: feedback gain :math:`\gamma \ge 0`.
+    estimator: ``'median'`` (the paper's; exact over 4096 fixed sampled
+      coordinates) or ``'least_squares'`` (one pass over ``tau + 1`` whole
+      buffers; it sees the few unstable directions the median misses).
+    simulate_staleness: delay the gradients by ``staleness`` steps
+      (:func:`delayed_gradients`); ``False`` when they are already stale
+      (a real asynchronous system): the loop then only needs to know
+      :math:`\tau`.
+    momentum_range: bounds of the algorithmic momentum, within [-1, 1].
+    curvature: ``'gradient'`` (the reference) or ``'loss'`` (needs
+      ``value=``; see :func:`yellowfin_auto`).
+    lr_factor: multiplier of the tuned learning rate (number or schedule).
+    nesterov: Nesterov momentum.
+    axis_name: ``pmap``/``shard_map`` axis to average gradients over first.
+    on_nonfinite: ``'skip'``, ``'raise_in_debug'`` or ``'propagate'``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; :func:`hyperparams` also
-    reports ``total_momentum``, ``target_momentum`` and
-    ``algorithmic_momentum``.
+    reports ``target_momentum`` and ``total_momentum``.
 
   Examples:
-    >>> import jax
-    >>> import jax.numpy as jnp
-    >>> import optax
+    >>> import jax, jax.numpy as jnp, optax
     >>> import yellowfin_optax as yf
     >>> tx = yf.closed_loop_yellowfin(staleness=2)
     >>> params = jnp.ones(2)
     >>> state = tx.init(params)
     >>> step = jax.jit(tx.update)
     >>> for t in range(4):  # nothing is applied while the delay ring fills
-    ...   updates, state = step(params, state, params)  # gradient of |x|^2 / 2
+    ...   updates, state = step(params, state, params)  # gradient of |x|^2/2
     ...   params = optax.apply_updates(params, updates)
     ...   print(bool(jnp.any(updates != 0)))
     False
@@ -544,28 +328,117 @@ def closed_loop_yellowfin(
     Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
     <https://arxiv.org/abs/1706.03471>`_, Section 4, 2018.
   """
-  # Averaged over the pmap/shard_map axis before anything sees the gradient:
-  # the delay ring, the measurement and the non-finite check too.
-  axis_name = yellowfin_options.pop('axis_name', None)
-  tuner = _alias.yellowfin_tuner_from_options(**yellowfin_options)
-  measured = total_momentum(
-      _momentum.tuned_momentum(tuner, nesterov=nesterov),
-      staleness=staleness,
-      estimator=estimator,
-      updates_at=functools.partial(_tuned_updates_at, nesterov=nesterov),
-  )
-  return _alias.cross_replica_mean(
-      _delay.delayed_gradients(
-          staleness,
-          _nonfinite.skip_nonfinite(
-              closed_loop(measured, gain=gain), on_nonfinite=on_nonfinite,
-              check_gradients=False,  # ||g||^2 in the statistics covers them
-              check_updates='narrow',  # float32 momentum SGD: finite
-              # ClosedLoopState -> TotalMomentumState -> TunedMomentumState.
-              updates_from_state=lambda g, s: _alias.tuned_updates(
-                  g, s.inner.inner, s.algorithmic_momentum, nesterov=nesterov
-              ),
-          ),
-      ),
-      axis_name,
-  )
+  _yellowfin.check_range('gain', gain, 0.0)
+  _yellowfin.check_choice('estimator', estimator, ESTIMATORS)
+  low, high = momentum_range
+  if not -1.0 <= low < high <= 1.0:
+    raise ValueError('momentum_range must be (low, high) with -1 <= low < '
+                     f'high <= 1, got {momentum_range!r}.')
+  config = _yellowfin.make_config(  # axis_name: averaged before the delay
+      curvature=curvature, lr_factor=lr_factor, nesterov=nesterov,
+      on_nonfinite=on_nonfinite)
+  sampled = estimator == 'median'
+  if not isinstance(staleness, jax.core.Tracer):  # traced: read from state
+    staleness = _yellowfin.static_int('staleness', staleness, 0)
+
+  def coordinates(tree):
+    return sample_coordinates([jnp.shape(x) for x in jax.tree.leaves(tree)],
+                              MEDIAN_SAMPLES)
+
+  def init_fn(params):
+    size = staleness + 1
+    if sampled:
+      count = sum(len(i[0]) for i in coordinates(params))
+      past = jnp.zeros((size, count), jnp.float32)
+    else:
+      past = _ring(params, size)
+    zero = lambda: jnp.zeros([], jnp.float32)  # fresh arrays: donatable
+    return ClosedLoopState(
+        yellowfin=_yellowfin.init_state(config, params),
+        momentum_offset=zero(), target_momentum=zero(), total_momentum=zero(),
+        measured=jnp.zeros([], jnp.int32), past_updates=past,
+        past_step_sizes=jnp.zeros([size], jnp.float32))
+
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    del params, extra_args
+    grads, value = _yellowfin.replica_mean(config, updates, value)
+    delta = state.momentum_offset
+    new_yf, step = _yellowfin.measure_and_tune(
+        config, grads, state.yellowfin, value, delta, momentum_range)
+    lr, mu = new_yf.learning_rate, new_yf.momentum
+    step_size = lr * step.scale
+    size = state.past_step_sizes.shape[0]  # tau + 1, static
+    tau = size - 1
+    t = state.yellowfin.count
+    slot = t % size  # holds x_{t-tau} - x_{t-tau-1}: read, then overwritten
+
+    # The new update at the measured coordinates, from the inputs there (so
+    # the trace is written once, in place, and nothing parameter-sized is
+    # gathered from an output).
+    if sampled:
+      where = coordinates(grads)
+      here = lambda tree: _take(tree, where)
+      g_c, v_old = here(step.grads), here(state.yellowfin.trace)
+      trace = jnp.where(mu != 0.0, mu * v_old + g_c, v_old)
+      written = _yellowfin.momentum_updates(g_c, trace, lr, mu, config.nesterov)
+      past = lambda i: state.past_updates[i]
+    else:
+      here = lambda tree: optax.tree.cast(tree, jnp.float32)
+      written = here(_yellowfin.momentum_updates(
+          step.grads, new_yf.trace, lr, mu, config.nesterov))
+      past = lambda i: jax.tree.map(lambda b: b[i], state.past_updates)
+    if tau == 0:
+      latest, latest_size = written, step_size
+    else:
+      latest = past((t - tau) % size)
+      latest_size = state.past_step_sizes[(t - tau) % size]
+    numerator = jax.tree.map(lambda u, g: u + latest_size * g, latest,
+                             here(grads))
+    estimate, count = (median_momentum if sampled else least_squares_momentum)(
+        numerator, past(slot))
+    measurable = (t >= tau + 1) & (count > 0)
+    total = jnp.where(measurable, jnp.clip(estimate, *_ESTIMATE_RANGE),
+                      state.total_momentum)
+    target = step.target_momentum
+    corrected = jnp.clip(delta + gain * (target - total), low - target,
+                         high - target)
+    new = ClosedLoopState(
+        yellowfin=new_yf,
+        momentum_offset=jnp.where(measurable, corrected, delta),
+        target_momentum=target, total_momentum=total,
+        measured=state.measured + measurable.astype(jnp.int32),
+        past_updates=jax.tree.map(lambda b, u: b.at[slot].set(u.astype(b.dtype)),
+                                  state.past_updates, written),
+        past_step_sizes=state.past_step_sizes.at[slot].set(step_size))
+    ok = step.ok & _yellowfin.all_finite(
+        [new.momentum_offset, total] + _yellowfin._narrow(new_yf.trace))
+    if config.on_nonfinite == 'propagate':
+      ok = jnp.array(True)
+    selected = _yellowfin.skip_bad_step(ok, new, state, config)
+    selected = selected._replace(
+        yellowfin=_yellowfin.count_skip(ok, selected.yellowfin))
+    new_updates = _yellowfin.momentum_updates(
+        step.grads, selected.yellowfin.trace, lr, mu, config.nesterov, ok)
+    return new_updates, selected
+
+  loop = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+  def outer_init(params):
+    if simulate_staleness and staleness > 0:
+      return delayed_gradients(staleness, loop).init(params)
+    return loop.init(params)
+
+  def outer_update(updates, state, params=None, *, value=None, **extra_args):
+    if axis_name is not None:
+      # The delay ring, the skip and the measurement see the averaged
+      # gradient (and loss).
+      updates = jax.lax.pmean(updates, axis_name)
+      value = None if value is None else jax.lax.pmean(value, axis_name)
+    inner = loop
+    if isinstance(state, DelayedGradientsState):
+      # The ring's shape, not the argument: optax.inject_hyperparams traces
+      # int arguments.
+      inner = delayed_gradients(state.pending_values.shape[0], loop)
+    return inner.update(updates, state, params, value=value, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(outer_init, outer_update)
