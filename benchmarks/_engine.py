@@ -20,12 +20,13 @@ from benchmarks import _optimizers
 from benchmarks import tasks as tasks_lib
 
 # Logged every step for optimizers with ``log_hyperparams`` (YellowFin).
-HYPERPARAM_LOG = ('learning_rate', 'momentum', 'lr', 'mu', 'h_min', 'h_max',
-                  'grad_var', 'dist_to_opt', 'skipped_steps')
+HYPERPARAM_LOG = ('learning_rate', 'momentum', 'lr_smoothed', 'mu_smoothed',
+                  'h_min', 'h_max', 'grad_var', 'dist_to_opt', 'skipped_steps')
 
 
 def make_runner(
     task: tasks_lib.Task, spec: _optimizers.OptimizerSpec, steps: int,
+    loss_scale: float = 1.0, before: Any = None,
 ) -> Callable[[jax.Array, jax.Array], tuple[dict[str, Any], dict[str, Any]]]:
   """Returns ``jit(run)(learning_rate, seed) -> (per-step logs, metrics)``.
 
@@ -33,20 +34,28 @@ def make_runner(
   sees the same data order for a given seed. The per-step logs hold ``loss``
   and, for YellowFin, the :data:`HYPERPARAM_LOG` values plus
   ``effective_lr = learning_rate / (1 - momentum)``.
+
+  The optimizer trains on ``loss_scale * loss`` (its gradient and the
+  ``value=`` it is passed); the logged loss is the unscaled one. ``before``
+  (an optax transformation, e.g. a clip or a preconditioner) is chained in
+  front of the optimizer.
   """
 
   def run(learning_rate, seed):
     k_init, k_data = jax.random.split(jax.random.key(seed))
     params = task.init(k_init)
-    tx = spec.factory(learning_rate)
+    tx = spec.factory(learning_rate, steps)
+    if before is not None:
+      tx = optax.chain(before, tx)
     state = tx.init(params)
+    scaled = lambda p, batch: loss_scale * task.loss(p, batch)
 
     def body(carry, key):
       params, state = carry
-      loss, grads = jax.value_and_grad(task.loss)(params, task.sample(key))
-      updates, state = tx.update(grads, state, params)
+      value, grads = jax.value_and_grad(scaled)(params, task.sample(key))
+      updates, state = tx.update(grads, state, params, value=value)
       params = optax.apply_updates(params, updates)
-      logs = {'loss': loss}
+      logs = {'loss': value / loss_scale}
       if spec.log_hyperparams:
         hp = yf.hyperparams(state)
         logs.update({k: hp[k] for k in HYPERPARAM_LOG if k in hp})

@@ -1,12 +1,14 @@
 """The optimizer registry: name -> how to build it, and its tuning grid.
 
 A benchmark optimizer is an :class:`OptimizerSpec`. ``factory`` receives the
-learning rate as a (possibly traced) scalar so that one compiled training run
-serves a whole grid; optimizers that are not tuned ignore it. Adding an
-optimizer is one line in :data:`OPTIMIZERS`, e.g.::
+learning rate as a (possibly traced) scalar, so that one compiled training
+run serves a whole grid, and the run length (for schedules); optimizers that
+are not tuned ignore the learning rate. Adding an optimizer is one entry in
+:func:`registry`, e.g.::
 
-    OPTIMIZERS['yellowfin_auto'] = OptimizerSpec(
-        lambda lr: yf.yellowfin_auto(), group='yellowfin', log_hyperparams=True)
+    'yellowfin_auto': OptimizerSpec(
+        lambda lr, steps: yf.yellowfin_auto(), group='yellowfin',
+        log_hyperparams=True)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class OptimizerSpec:
   """How the benchmark builds and tunes one optimizer.
 
   Attributes:
-    factory: ``learning_rate -> optax.GradientTransformation``.
+    factory: ``(learning_rate, steps) -> optax.GradientTransformation``.
     grid: learning rates to search (seed 0), ``None`` for untuned.
     group: ``'yellowfin'``, ``'tuned'`` or ``'peer'`` (for the tables).
     label: short description for the tables.
@@ -36,12 +38,16 @@ class OptimizerSpec:
       evaluates at its averaged point); ``None`` evaluates ``params``.
   """
 
-  factory: Callable[[jax.Array], optax.GradientTransformation]
+  factory: Callable[[jax.Array, int], optax.GradientTransformation]
   grid: tuple[float, ...] | None = None
   group: str = 'peer'
   label: str = ''
   log_hyperparams: bool = False
   eval_params: Callable[[Any, Any], Any] | None = None
+
+
+# Tiny Shakespeare: ~1M training characters / (16 x 32) per batch.
+EPOCH_STEPS = 1960
 
 
 def log_grid(low_exp: float, high_exp: float, num: int) -> tuple[float, ...]:
@@ -61,36 +67,56 @@ def registry(grid_points: int = 5) -> dict[str, OptimizerSpec]:
   """
   adam_grid = log_grid(-3.5, -1.5, grid_points)
   sgd_grid = log_grid(-2.5, -0.5, grid_points)
+  cosine = lambda lr, steps: optax.cosine_decay_schedule(lr, steps)
   return {
       'yellowfin': OptimizerSpec(
-          lambda lr: yf.yellowfin(), None, 'yellowfin',
-          'YellowFin, library defaults, no tuning', log_hyperparams=True),
+          lambda lr, steps: yf.yellowfin(), None, 'yellowfin',
+          'yellowfin(): the reference, no tuning', log_hyperparams=True),
       'yellowfin_auto': OptimizerSpec(
-          lambda lr: yf.yellowfin_auto(), None, 'yellowfin',
-          'yellowfin_auto() (total_steps=None: the effective-step guard)',
+          lambda lr, steps: yf.yellowfin_auto(), None, 'yellowfin',
+          'yellowfin_auto(): loss-unit curvature, no schedule',
           log_hyperparams=True),
+      'yellowfin_auto_T': OptimizerSpec(
+          lambda lr, steps: yf.yellowfin_auto(total_steps=steps), None,
+          'yellowfin', 'yellowfin_auto(total_steps=run length): + cosine',
+          log_hyperparams=True),
+      'yellowfin_cosine': OptimizerSpec(
+          lambda lr, steps: yf.yellowfin(
+              lr_factor=optax.cosine_decay_schedule(1.0, steps)), None,
+          'yellowfin', 'yellowfin() with the same cosine lr_factor',
+          log_hyperparams=True),
+      'yellowfin_recipe': OptimizerSpec(
+          lambda lr, steps: yf.yellowfin(
+              clip_norm=5.0, lr_factor=optax.exponential_decay(
+                  1.0, EPOCH_STEPS, 0.97, staircase=True)), None, 'yellowfin',
+          "yellowfin() with the authors' Tiny Shakespeare recipe: clip 5, "
+          'lr_factor 0.97^epoch', log_hyperparams=True),
       'adam': OptimizerSpec(
-          lambda lr: optax.adam(lr), adam_grid, 'tuned',
+          lambda lr, steps: optax.adam(lr), adam_grid, 'tuned',
           'Adam, lr grid-searched'),
+      'adam_cosine': OptimizerSpec(
+          lambda lr, steps: optax.adam(cosine(lr, steps)), adam_grid, 'tuned',
+          'Adam with a cosine decay to 0 at the run length, lr grid-searched'),
       'momentum_sgd': OptimizerSpec(
-          lambda lr: optax.sgd(lr, momentum=0.9), sgd_grid, 'tuned',
+          lambda lr, steps: optax.sgd(lr, momentum=0.9), sgd_grid, 'tuned',
           'SGD momentum 0.9, lr grid-searched'),
       'prodigy': OptimizerSpec(
-          lambda lr: contrib.prodigy(), None, 'peer', 'contrib.prodigy()'),
+          lambda lr, steps: contrib.prodigy(), None, 'peer',
+          'contrib.prodigy()'),
       'dadapt_adamw': OptimizerSpec(
-          lambda lr: contrib.dadapt_adamw(), None, 'peer',
+          lambda lr, steps: contrib.dadapt_adamw(), None, 'peer',
           'contrib.dadapt_adamw()'),
       'dog': OptimizerSpec(
-          lambda lr: contrib.dog(), None, 'peer', 'contrib.dog()'),
+          lambda lr, steps: contrib.dog(), None, 'peer', 'contrib.dog()'),
       'mechanic_adam': OptimizerSpec(
-          lambda lr: contrib.mechanize(optax.adam(1.0)), None, 'peer',
+          lambda lr, steps: contrib.mechanize(optax.adam(1.0)), None, 'peer',
           'contrib.mechanize(adam(1.0)) (base lr 1 as its docs say)'),
       'schedule_free_adamw': OptimizerSpec(
-          lambda lr: contrib.schedule_free_adamw(), None, 'peer',
+          lambda lr, steps: contrib.schedule_free_adamw(), None, 'peer',
           'contrib.schedule_free_adamw() (eval at averaged point)',
           eval_params=_sf_eval),
       'schedule_free_sgd': OptimizerSpec(
-          lambda lr: contrib.schedule_free_sgd(), None, 'peer',
+          lambda lr, steps: contrib.schedule_free_sgd(), None, 'peer',
           'contrib.schedule_free_sgd() (eval at averaged point)',
           eval_params=_sf_eval),
   }

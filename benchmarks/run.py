@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from benchmarks import _analysis
 from benchmarks import _engine
@@ -35,23 +36,53 @@ from benchmarks import tasks as tasks_lib
 PROFILES: dict[str, dict[str, Any]] = {
     # Through the same code path as the others; for tests/test_benchmarks.py.
     'smoke': dict(tasks={'digits_linear': 40}, grid_points=2, seeds=2,
-                  optimizers=('yellowfin', 'adam')),
+                  optimizers=('yellowfin', 'yellowfin_auto', 'adam')),
     'quick': dict(tasks={'digits_cnn': 300, 'shakespeare_lstm': 300},
                   grid_points=3, seeds=2, optimizers=None),
     'full': dict(tasks={'digits_cnn': 400, 'mnist1d_cnn': 600,
                         'mnist1d_resnet': 400, 'shakespeare_lstm': 600,
                         'ptb_lstm': 400},
                  grid_points=5, seeds=3, optimizers=None),
+    # Loss-scale invariance (run with --loss-scale 0.1 / 1 / 10).
+    'scale': dict(tasks={'digits_cnn': 400, 'shakespeare_lstm': 600},
+                  grid_points=5, seeds=3,
+                  optimizers=('yellowfin', 'yellowfin_auto',
+                              'yellowfin_auto_T', 'adam', 'adam_cosine',
+                              'momentum_sgd')),
+    # The paper's own regime: the authors' task, 10^4 steps (~5 epochs).
+    'long': dict(tasks={'shakespeare_lstm': 10000}, grid_points=5, seeds=1,
+                 optimizers=('yellowfin', 'yellowfin_recipe', 'yellowfin_auto',
+                             'yellowfin_auto_T', 'adam', 'adam_cosine',
+                             'momentum_sgd')),
 }
 
 # Grid points added per side while the best learning rate is at an edge.
 MAX_GRID_EXTENSIONS = 3
 
 # (A, B): the speedup of A over B is reported.
-BASE_COMPARISONS = (('yellowfin', 'adam'), ('yellowfin', 'momentum_sgd'),
-                    ('momentum_sgd', 'adam'), ('yellowfin_auto', 'adam'),
-                    ('yellowfin_auto', 'momentum_sgd'),
-                    ('yellowfin_auto', 'yellowfin'))
+BASE_COMPARISONS = (
+    ('yellowfin', 'adam'), ('yellowfin', 'momentum_sgd'),
+    ('momentum_sgd', 'adam'),
+    ('yellowfin_auto', 'adam'), ('yellowfin_auto', 'momentum_sgd'),
+    ('yellowfin_auto', 'yellowfin'),
+    ('yellowfin_auto_T', 'adam'), ('yellowfin_auto_T', 'momentum_sgd'),
+    ('yellowfin_auto_T', 'adam_cosine'), ('yellowfin_auto_T', 'yellowfin_cosine'),
+    ('yellowfin_recipe', 'adam'))
+
+# What --before chains in front of every optimizer (issue 18: does the tuner
+# survive a clip or a diagonal preconditioner?).
+BEFORE = {
+    'none': lambda: None,
+    'adam_precond': lambda: optax.scale_by_adam(b1=0.0),
+    'rms_precond': lambda: optax.scale_by_rms(),
+}
+
+
+def before_transform(name: str):
+  """``'clip:C'`` -> ``clip_by_global_norm(C)``; else :data:`BEFORE`."""
+  if name.startswith('clip:'):
+    return optax.clip_by_global_norm(float(name.split(':', 1)[1]))
+  return BEFORE[name]()
 
 
 def _window(steps: int) -> int:
@@ -64,7 +95,8 @@ def _subsample(x: np.ndarray, every: int) -> list[float]:
 
 def run_task(
     name: str, steps: int, specs: dict[str, _optimizers.OptimizerSpec],
-    seeds: int, progress: Any,
+    seeds: int, progress: Any, loss_scale: float = 1.0,
+    before: str = 'none',
 ) -> dict[str, Any]:
   """Trains every optimizer on one task; returns its JSON-able record."""
   task = tasks_lib.TASKS[name]()
@@ -79,7 +111,8 @@ def run_task(
   for opt_name, spec in specs.items():
     progress.set_postfix_str(f'{name}/{opt_name}')
     t0 = time.time()
-    runner = _engine.make_runner(task, spec, steps)
+    runner = _engine.make_runner(task, spec, steps, loss_scale,
+                                 before_transform(before))
     entry: dict[str, Any] = dict(label=spec.label, group=spec.group)
     if spec.grid:
       runs, tuning = tune_lr(runner, spec.grid, window, seeds, progress)
@@ -238,74 +271,54 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
-  """Smoothed loss curves per task, and YellowFin's tuned values over time.
+  """One figure, a column per task: the smoothed training loss of every
+  optimizer (median over seeds), then the applied learning rate, momentum and
+  effective step ``lr / (1 - mu)`` of each YellowFin variant (seed 0).
 
-  Writes ``loss_curves.png`` and (if YellowFin ran) ``yellowfin_hyperparams.png``
-  into ``out`` and returns their paths.
+  Writes ``results.png`` into ``out`` and returns its path.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   tasks = results['tasks']
-  n = len(tasks)
-  paths = []
-  ncols = min(n, 3)
-  nrows = -(-n // ncols)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows),
-                           squeeze=False)
-  for ax in axes.flat[n:]:
-    ax.axis('off')
-  for ax, (name, r) in zip(axes.flat, tasks.items()):
+  rows = (('smoothed training loss', None), ('learning rate', 'learning_rate'),
+          ('momentum', 'momentum'), ('effective step lr/(1-mu)', 'effective_lr'))
+  fig, axes = plt.subplots(len(rows), len(tasks),
+                           figsize=(4.2 * len(tasks), 2.6 * len(rows)),
+                           squeeze=False, sharex='col')
+  names = list(dict.fromkeys(o for r in tasks.values() for o in r['optimizers']))
+  colors = {o: f'C{i % 10}' for i, o in enumerate(names)}
+  for j, (name, r) in enumerate(tasks.items()):
     for o, e in r['optimizers'].items():
       curves = np.array([_analysis.smooth(np.array(l), r['smoothing_window'])
                          for l in e['loss']])
       med = np.median(curves, axis=0)
-      x = np.arange(med.size) + r['smoothing_window']
-      style = dict(lw=2.5, color='k') if o == 'yellowfin' else dict(lw=1.2)
-      ax.plot(x, med, label=o, **style)
+      style = dict(lw=2.2) if e['group'] == 'yellowfin' else dict(lw=1.0)
+      axes[0][j].plot(np.arange(med.size) + r['smoothing_window'], med,
+                      label=o, color=colors[o], **style)
+      for i, (_, key) in enumerate(rows[1:], start=1):
+        series = e.get('hyperparams', {}).get(key)
+        if series:
+          axes[i][j].plot(np.arange(len(series[0])) * r['log_every'],
+                          series[0], color=colors[o], lw=1.2, label=o)
     finite = [v for e in r['optimizers'].values()
               for v in e['min_smoothed_loss'] if np.isfinite(v)]
     if finite:
-      ax.set_ylim(min(finite) * 0.9, None)
-    ax.set_yscale('log')
-    ax.set_title(name)
-    ax.set_xlabel('iteration')
-    ax.set_ylabel('smoothed training loss (median over seeds)')
-  axes.flat[n - 1].legend(fontsize=7, loc='upper right', framealpha=0.6)
+      axes[0][j].set_ylim(min(finite) * 0.9, max(finite) * 3)
+    axes[0][j].set_title(name)
+    for i, (label, key) in enumerate(rows):
+      if key != 'momentum':
+        axes[i][j].set_yscale('log')
+      if j == 0:
+        axes[i][j].set_ylabel(label)
+    axes[-1][j].set_xlabel('iteration')
+  axes[0][-1].legend(fontsize=7, loc='upper right', framealpha=0.6)
   fig.tight_layout()
-  paths.append(out / 'loss_curves.png')
-  fig.savefig(paths[-1], dpi=110)
+  path = out / 'results.png'
+  fig.savefig(path, dpi=100)
   plt.close(fig)
-
-  yf_tasks = {k: r for k, r in tasks.items()
-              if 'hyperparams' in r['optimizers'].get('yellowfin', {})}
-  if yf_tasks:
-    rows = (('learning_rate', True), ('momentum', False),
-            ('effective_lr', True), ('h_min', True), ('h_max', True),
-            ('grad_var', True), ('dist_to_opt', True))
-    fig, axes = plt.subplots(len(rows), len(yf_tasks),
-                             figsize=(4 * len(yf_tasks), 2.2 * len(rows)),
-                             squeeze=False, sharex='col')
-    for j, (name, r) in enumerate(yf_tasks.items()):
-      hp = r['optimizers']['yellowfin']['hyperparams']
-      for i, (key, log) in enumerate(rows):
-        ax = axes[i][j]
-        for s, series in enumerate(hp.get(key, [])):
-          ax.plot(np.arange(len(series)) * r['log_every'], series,
-                  alpha=0.8, label=f'seed {s}')
-        if log:
-          ax.set_yscale('log')
-        if j == 0:
-          ax.set_ylabel(key)
-        if i == 0:
-          ax.set_title(f'{name}: YellowFin')
-      axes[-1][j].set_xlabel('iteration')
-    fig.tight_layout()
-    paths.append(out / 'yellowfin_hyperparams.png')
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-  return paths
+  return [path]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -316,6 +329,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument('--steps', type=int, help='override steps per task')
   parser.add_argument('--seeds', type=int, help='override number of seeds')
   parser.add_argument('--out', help='output dir (results/benchmarks/PROFILE)')
+  parser.add_argument('--loss-scale', type=float, default=1.0,
+                      help='train on this multiple of the loss')
+  parser.add_argument('--before', default='none',
+                      help="chained before every optimizer: 'none', "
+                      "'clip:C', " + ', '.join(repr(k) for k in BEFORE))
   parser.add_argument('--jax-cache', default='results/.jax_cache',
                       help="persistent compilation cache dir ('' for none)")
   parser.add_argument('--no-plots', action='store_true')
@@ -386,13 +404,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       profile=args.profile, command='python -m benchmarks.run ' + ' '.join(
           argv if argv is not None else sys.argv[1:]),
       seeds=seeds, grid_points=profile['grid_points'],
+      loss_scale=args.loss_scale, before=args.before,
       optimizers={k: s.label for k, s in specs.items()},
       jax_version=jax.__version__, tasks={})
   t0 = time.time()
   with tqdm(total=total, desc='runs', unit='run', disable=args.no_progress,
             file=sys.stderr) as progress:
     for name, steps in task_steps.items():
-      results['tasks'][name] = run_task(name, steps, specs, seeds, progress)
+      results['tasks'][name] = run_task(name, steps, specs, seeds, progress,
+                                        args.loss_scale, args.before)
       results['wall_seconds'] = round(time.time() - t0, 1)
       # Write after every task so a long run can be inspected while it goes.
       (out / 'results.json').write_text(json.dumps(results))

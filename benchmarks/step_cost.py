@@ -55,6 +55,7 @@ import numpy as np
 #     <m, g>, from which ||m_new||^2 follows algebraically), pass 2 reads g, m,
 #     v and writes m, v, u.
 MIN_BUFFERS = {'sgd_momentum': 4, 'adam': 6, 'yellowfin': 8,
+               'yellowfin_auto': 8,
                'closed_loop': 8, 'yellowfin_floor': 8, 'stream': 3}
 
 
@@ -72,7 +73,7 @@ def yellowfin_floor():
   import jax
   import jax.numpy as jnp
   import optax
-  from yellowfin_optax import _statistics
+  from yellowfin_optax import _yellowfin
 
   def init(params):
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)
@@ -81,7 +82,7 @@ def yellowfin_floor():
   def update(g, state, params=None):
     del params
     m, v = state
-    gg, gm, mm = _statistics.tree_dots((g, m), [(0, 0), (0, 1), (1, 1)])
+    gg, gm, mm = _yellowfin.tree_dots((g, m), [(0, 0), (0, 1), (1, 1)])
     total = gg + jnp.abs(gm) + mm
     clip = jax.lax.rsqrt(1.0 + total)
     lr = 1.0 / (1.0 + total)
@@ -120,6 +121,7 @@ def make_optimizers(compare: list[str], closed_loop: bool = True):
       'adam': optax.adam(1e-3),
       'sgd_momentum': optax.sgd(1e-2, momentum=0.9),
       'yellowfin': yf.yellowfin(),
+      'yellowfin_auto': yf.yellowfin_auto(),
       'yellowfin_floor': yellowfin_floor(),
   }
   if closed_loop and hasattr(yf, 'closed_loop_yellowfin'):
@@ -298,7 +300,8 @@ def bench_update(opts, shapes, reps, label, compare_hlo_dir=None):
     # take the first state buffer and every state buffer after it lands in
     # its neighbour's slot, which costs copies (2 for Adam at one leaf) that
     # a train step returning (params, state) does not pay.
-    fn = lambda g, s, tx=tx: tx.update(g, s)[::-1]
+    # value=: the loss, which yellowfin_auto needs and the others ignore.
+    fn = lambda g, s, tx=tx: tx.update(g, s, value=1.0)[::-1]
     cases.append(Case(name, fn, (grads, state), (1,), threshold,
                       lambda a, out: [a[0], out[0]]))
   # Streaming reference: a + c * b over the same leaves (2 reads, 1 write).
@@ -380,7 +383,7 @@ def bench_model(opts, reps, batch=128):
   for name, tx in opts.items():
     def step(p, s, tx=tx):
       loss, g = jax.value_and_grad(loss_fn)(p)
-      u, s = tx.update(g, s, p)
+      u, s = tx.update(g, s, p, value=loss)
       return (optax.apply_updates(p, u), s), loss
     state = _fresh(tx.init(params))
     fn = lambda carry, step=step: step(*carry)

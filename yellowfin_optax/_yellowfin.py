@@ -621,12 +621,12 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
                        state.curvature_ema / d_prev)
     eps_s = jnp.maximum(c.eps * unit_s, _TINY)
     eps_h = jnp.maximum(c.eps * unit_h, _TINY)
-    eps_g = jnp.sqrt(eps_s)
+    eps_g = eps_norm = jnp.sqrt(eps_s)
     eps_d = jnp.maximum(c.eps * jnp.sqrt(unit_s) / jnp.maximum(unit_h, _TINY),
                         _TINY)
   else:
     lam = 1.0
-    eps_s = eps_h = eps_d = c.eps
+    eps_s = eps_h = eps_d = eps_norm = c.eps
     eps_g = _TORCH_CLIP_EPS
   # The previous h_max in ||g||^2 units, for the clips.
   h_max_s = state.h_max / lam
@@ -637,7 +637,7 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
   absurd = jnp.array(False)
   if c.adaptive_clipping:
     absurd = (t > 1) & (s_raw * scale**2 > ABSURD_RATIO * h_max_s)
-    protect = jnp.sqrt(c.stat_protect_factor * h_max_s) + eps_s
+    protect = jnp.sqrt(c.stat_protect_factor * h_max_s) + eps_norm
     scale *= jnp.where(t > 1, clip_factor(s_raw * scale**2, protect, eps_g), 1.0)
   stat_scale = scale  # what the statistics see; the update may clip more
   s = s_raw * scale**2
@@ -680,7 +680,7 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
   if c.adaptive_clipping:  # exploding gradient: clip the update only
     exploding = (t >= 1) & (s >= h_max_s)
     scale *= jnp.where(
-        exploding, clip_factor(s, jnp.sqrt(h_max_s) + eps_g, eps_g), 1.0)
+        exploding, clip_factor(s, jnp.sqrt(h_max_s) + eps_norm, eps_g), 1.0)
 
   # Tune. The reference keeps its initial values at step 0; in loss units
   # they would have the wrong units, so step 0 is tuned too.
