@@ -50,7 +50,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                               'yellowfin_auto_T', 'adam', 'adam_cosine',
                               'momentum_sgd')),
     # The paper's own regime: the authors' task, 10^4 steps (~5 epochs).
-    'long': dict(tasks={'shakespeare_lstm': 10000}, grid_points=5, seeds=1,
+    'long': dict(tasks={'shakespeare_lstm': 10000}, grid_points=3, seeds=1,
                  optimizers=('yellowfin', 'yellowfin_recipe', 'yellowfin_auto',
                              'yellowfin_auto_T', 'adam', 'adam_cosine',
                              'momentum_sgd')),
@@ -196,16 +196,18 @@ def speedups(record: dict[str, Any], groups: dict[str, str]) -> dict[str, Any]:
 
   Args:
     record: one task's record (its optimizers' ``loss`` lists per seed).
-    groups: optimizer name -> group; ``yellowfin`` is compared with every
-      ``peer``, besides :data:`BASE_COMPARISONS`.
+    groups: optimizer name -> group; ``yellowfin``, ``yellowfin_auto`` and
+      ``yellowfin_auto_T`` are compared with every ``peer``, besides
+      :data:`BASE_COMPARISONS`.
 
   Returns:
     ``{'A_vs_B': {'per_seed': [...], 'median', 'min', 'max', 'n'}}``.
   """
   opts = record['optimizers']
   comparisons = [c for c in BASE_COMPARISONS if set(c) <= set(opts)]
-  if 'yellowfin' in opts:
-    comparisons += [('yellowfin', n) for n in opts if groups.get(n) == 'peer']
+  for mine in ('yellowfin', 'yellowfin_auto', 'yellowfin_auto_T'):
+    if mine in opts:
+      comparisons += [(mine, n) for n in opts if groups.get(n) == 'peer']
   out = {}
   for a, b in comparisons:
     per_seed = [

@@ -12,7 +12,7 @@ or gradient scale) configure it.
 
 Memory: two parameter-size buffers (the gradient EMA in float32 and the
 momentum trace in the params' dtypes), like Adam, plus ``curvature_window +
-22`` scalars.
+19`` scalars.
 
 References:
   Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
@@ -21,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 import numbers
@@ -365,31 +366,6 @@ def all_finite(leaves) -> jax.Array:
 # The transformation.
 
 
-class _Config(NamedTuple):
-  """The validated options of :func:`scale_by_yellowfin`."""
-  curvature: str
-  loss_floor: Any
-  beta: Any
-  curvature_window: int
-  zero_debias: bool
-  sparsity_debias: bool
-  h_min_log_smooth: bool
-  h_max_log_smooth: bool
-  adaptive_clipping: bool
-  stat_protect_factor: Any
-  catastrophic_move_threshold: Any
-  clip_norm: Any
-  initial_learning_rate: Any
-  initial_momentum: Any
-  lr_factor: Any
-  total_steps: Any
-  smoothed_hyperparams: bool
-  nesterov: bool
-  eps: Any
-  axis_name: Any
-  on_nonfinite: str
-
-
 def scale_by_yellowfin(
     *,
     curvature: str = 'gradient',
@@ -513,6 +489,11 @@ def scale_by_yellowfin(
     return finish(config, state, candidate, step, ok)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# The validated options of scale_by_yellowfin, one field per argument.
+_Config = collections.namedtuple(
+    '_Config', inspect.signature(scale_by_yellowfin).parameters)
 
 
 def make_config(**options) -> _Config:
@@ -685,13 +666,10 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
         exploding, clip_factor(s, jnp.sqrt(h_max_s) + eps_norm, eps_g), 1.0)
 
   # Tune. The reference keeps its initial values at step 0; in loss units
-  # they would have the wrong units, so step 0 is tuned too, and the slow
-  # start ramps over w steps instead of 10 w: step 0 then moves 2/w of the
-  # Polyak step f/||g||, and a 10 w ramp measurably wastes short runs
-  # (BUILD_NOTES.md, yellowfin_auto).
+  # they would have the wrong units, so step 0 is tuned too (its move is
+  # 1/(5 w) of the Polyak step f/||g||, under the reference's slow start).
   lr_t, mu_t = tune(h_min, h_max, grad_var, dist_to_opt, t, w, c.eps,
-                    slow_start=1 if loss_units else 10, eps_var=eps_s,
-                    eps_dist=eps_d, eps_curv=eps_h)
+                    eps_var=eps_s, eps_dist=eps_d, eps_curv=eps_h)
   tuning = jnp.array(True) if loss_units else t > 0
   lr_t = jnp.where(tuning, lr_t, state.lr_t)
   mu_t = jnp.where(tuning, mu_t, state.mu_t)
