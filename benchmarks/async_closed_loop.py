@@ -10,7 +10,8 @@ same seeds, initialisations and batches:
 * ``yf_open``: open-loop YellowFin on the stale gradients, run as
   ``closed_loop_yellowfin(staleness=15, gain=0.0)`` so that the total momentum
   is measured too (``gain=0`` applies exactly the tuner's momentum);
-* ``yf_closed``: closed-loop YellowFin, ``closed_loop_yellowfin(15, gain=0.01)``;
+* ``yf_closed``: closed-loop YellowFin,
+  ``closed_loop_yellowfin(staleness=15, gain=0.01)``;
 * ``yf_closed_ls``: the same loop with the least-squares estimator of the
   total momentum (``estimator='least_squares'``: a fit over all coordinates
   instead of the paper's median);
@@ -69,9 +70,12 @@ LABELS = {
     'adam': 'Adam (sync-tuned lr)',
     'yf_sync': 'YF, synchronous',
 }
-# Logged every step for the YellowFin runs.
-MOMENTUM_LOG = ('total_momentum', 'target_momentum', 'algorithmic_momentum',
-                'learning_rate')
+# Logged every step for the YellowFin runs: log name -> hyperparams() key
+# (``momentum`` is the algorithmic momentum the closed loop applies).
+MOMENTUM_LOG = {'total_momentum': 'total_momentum',
+                'target_momentum': 'target_momentum',
+                'algorithmic_momentum': 'momentum',
+                'learning_rate': 'learning_rate'}
 
 
 # ----------------------------------------------------------------- problems
@@ -207,9 +211,9 @@ def make_optimizer(family: str, staleness: int, hyper: jax.Array
                    ) -> optax.GradientTransformation:
   """``family`` 'yf' / 'yf_ls': ``hyper`` is the loop gain; 'adam': the lr."""
   if family == 'yf':
-    return yf.closed_loop_yellowfin(staleness, gain=hyper)
+    return yf.closed_loop_yellowfin(staleness=staleness, gain=hyper)
   if family == 'yf_ls':
-    return yf.closed_loop_yellowfin(staleness, gain=hyper,
+    return yf.closed_loop_yellowfin(staleness=staleness, gain=hyper,
                                     estimator='least_squares')
   if family == 'adam':
     return yf.delayed_gradients(staleness, optax.adam(hyper))
@@ -234,11 +238,11 @@ def make_runner(problem: Problem, family: str, staleness: int, steps: int
     def body(carry, key):
       params, state = carry
       loss, grads = problem.grad(params, problem.sample(key))
-      updates, state = tx.update(grads, state, params)
+      updates, state = tx.update(grads, state, params, value=loss)
       logs = {'loss': loss}
       if family.startswith('yf'):
         hp = yf.hyperparams(state)
-        logs.update({k: hp[k] for k in MOMENTUM_LOG})
+        logs.update({k: hp[key] for k, key in MOMENTUM_LOG.items()})
       return (optax.apply_updates(params, updates), state), logs
 
     (params, _), logs = jax.lax.scan(

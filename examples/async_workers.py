@@ -23,11 +23,14 @@ its ring buffer fills; with the same data order the two simulations agree to
 float32 rounding (``--check`` runs both and prints the difference; the test
 is ``tests/test_async_workers.py``).
 
-The server optimizer is YellowFin fed the stale gradients, either open loop
-(``yellowfin()``) or closed loop (``--closed-loop``: total-momentum
-measurement with staleness ``M - 1`` and negative feedback; the gradients
-already arrive stale, so the simulated delay ring of
-``closed_loop_yellowfin`` is left out).
+The server optimizer is YellowFin fed the stale gradients (and each worker's
+loss as ``value=``), either open loop (``yellowfin()``) or closed loop
+(``--closed-loop``): ``closed_loop_yellowfin(staleness=M - 1,
+simulate_staleness=False)``, which measures the total momentum the delay adds
+and corrects it by negative feedback. The gradients already arrive stale, so
+it must not delay them again: ``simulate_staleness=False`` only tells it the
+staleness. Its one-device simulation, fed fresh gradients, is the default
+``closed_loop_yellowfin(staleness=M - 1)``.
 
 Run (CPU, 8 host devices; the flag is set below if XLA_FLAGS is not)::
 
@@ -84,18 +87,25 @@ def server_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
   """The optimizer the server applies to gradients that arrive stale.
 
-  ``closed_loop_yellowfin(staleness, gain)`` minus its simulated delay ring:
-  ``closed_loop_yellowfin(tau) == delayed_gradients(tau, server_optimizer(
-  tau, True))``, and ``yellowfin()`` for the open loop.
+  The closed loop is told the staleness but does not simulate it
+  (``simulate_staleness=False``): the workers' gradients are already
+  ``staleness`` steps old. The open loop is plain ``yellowfin()``.
   """
   if not closed_loop:
     return yf.yellowfin()
-  tuner = yf.yellowfin_tuner(yf.gradient_statistics())
-  measured = yf.total_momentum(
-      yf.tuned_momentum(tuner),
-      staleness=staleness,
-  )
-  return yf.skip_nonfinite(yf.closed_loop(measured, gain=gain))
+  return yf.closed_loop_yellowfin(staleness=staleness, gain=gain,
+                                  simulate_staleness=False)
+
+
+def simulated_optimizer(
+    staleness: int, closed_loop: bool, gain: float = 0.01
+) -> optax.GradientTransformationExtraArgs:
+  """The same system on one device, fed *fresh* gradients: a ring buffer
+  delays them by ``staleness`` steps (``delayed_gradients``; the closed loop
+  simulates its staleness by default)."""
+  if not closed_loop:
+    return yf.delayed_gradients(staleness, yf.yellowfin())
+  return yf.closed_loop_yellowfin(staleness=staleness, gain=gain)
 
 
 def worker_batches(x, y, rounds: int, workers: int, batch: int):
@@ -121,20 +131,20 @@ def make_round(
   def round_fn(params, state, snapshots, x, y, r):
     w = jax.lax.axis_index('workers')
     snapshot = jax.tree.map(lambda a: a[0], snapshots)  # this worker's model
-    grads = jax.grad(loss)(snapshot, x[0], y[0])
+    value, grads = jax.value_and_grad(loss)(snapshot, x[0], y[0])
     # Gather every worker's gradient onto every device as a psum of one-hot
     # slots: exact (adding zeros), and its result is replicated in shard_map's
     # type system (all_gather's is not), as the server state must be.
     gather = lambda a: jax.lax.psum(
         jnp.zeros((workers,) + a.shape, a.dtype).at[w].set(a), 'workers'
     )
-    losses = gather(loss(snapshot, x[0], y[0]))
+    losses = gather(value)
     all_grads = jax.tree.map(gather, grads)
 
     def deliver(carry, inputs):
       p, s = carry
-      g, k = inputs
-      u, s_new = tx.update(g, s, p)
+      g, value, k = inputs
+      u, s_new = tx.update(g, s, p, value=value)
       p_new = optax.apply_updates(p, u)
       arrived = r * workers + k >= staleness  # the first round: still computing
       p = optax.tree.where(arrived, p_new, p)
@@ -142,7 +152,7 @@ def make_round(
       return (p, s), (p, yf.hyperparams(s))
 
     (params, state), (history, hparams) = jax.lax.scan(
-        deliver, (params, state), (all_grads, jnp.arange(workers))
+        deliver, (params, state), (all_grads, losses, jnp.arange(workers))
     )
     # Worker w reads the model right after its own delivery.
     new_snapshot = jax.tree.map(lambda h: h[w][None], history)
@@ -182,18 +192,18 @@ def run_devices(tx, params, x, y, rounds: int, batch: int, mesh, progress=True):
   return params, state, losses, hparams
 
 
-def run_ring_buffer(tx_server, params, x, y, steps: int, staleness: int,
-                    batch: int):
-  """Single-device reference: ``delayed_gradients(staleness, tx_server)``.
+def run_ring_buffer(tx, params, x, y, steps: int, batch: int):
+  """Single-device reference: ``tx`` (``simulated_optimizer``) fed fresh
+  gradients and losses.
 
   Step ``t`` computes the gradient at ``x_t`` on batch ``t``; the ring
-  buffer applies it at step ``t + staleness``.
+  buffer of ``tx`` applies it at step ``t + staleness``.
   """
-  tx = yf.delayed_gradients(staleness, tx_server)
 
   @jax.jit
   def step(p, s, xb, yb):
-    u, s = tx.update(jax.grad(loss_fn)(p, xb, yb), s, p)
+    loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
+    u, s = tx.update(grads, s, p, value=loss)
     return optax.apply_updates(p, u), s
 
   state = tx.init(params)
@@ -252,8 +262,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'history': {k: v.tolist() for k, v in hparams.items()},
   }
   if args.check:
+    reference = simulated_optimizer(workers - 1, args.closed_loop, args.gain)
     ref_params, ref_state = run_ring_buffer(
-        tx, params0, x, y, steps, workers - 1, args.batch)
+        reference, params0, x, y, steps, args.batch)
     summary['max_rel_diff_params'] = _max_rel_diff(ref_params, params)
     summary['max_rel_diff_state'] = _max_rel_diff(ref_state.inner, state)
 

@@ -64,6 +64,15 @@ def loss_fn(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+def _tuned_values(state) -> dict[str, jax.Array]:
+  """``yf.hyperparams(state)``; ``{}`` for an optimizer without YellowFin
+  (``optax.sgd``), where it raises."""
+  try:
+    return yf.hyperparams(state)
+  except ValueError:
+    return {}
+
+
 def make_pmap_step(tx, axis_name: str = 'batch', pmean_grads: bool = False,
                    devices=None):
   """The pmapped train step. ``pmean_grads``: average here (for optimizers
@@ -73,9 +82,11 @@ def make_pmap_step(tx, axis_name: str = 'batch', pmean_grads: bool = False,
     loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
     if pmean_grads:
       grads = jax.lax.pmean(grads, axis_name)
-    updates, state = tx.update(grads, state, params)
+    # value=: yellowfin_auto / closed loops use the loss; yellowfin() and
+    # optax.sgd ignore it. With axis_name it is averaged like the gradient.
+    updates, state = tx.update(grads, state, params, value=loss)
     return (optax.apply_updates(params, updates), state,
-            jax.lax.pmean(loss, axis_name), yf.hyperparams(state))
+            jax.lax.pmean(loss, axis_name), _tuned_values(state))
 
   return jax.pmap(step, axis_name=axis_name, devices=devices)
 
@@ -98,7 +109,7 @@ def make_shard_map_step(tx, mesh, axis_name: str = 'batch',
     else:
       loss_of = lambda p: loss_fn(p, x, y)
     loss, grads = jax.value_and_grad(loss_of)(params)
-    updates, state = tx.update(grads, state, params)
+    updates, state = tx.update(grads, state, params, value=loss)
     return (optax.apply_updates(params, updates), state,
             jax.lax.pmean(loss, axis_name))
 

@@ -97,6 +97,15 @@ def state_shardings(tx, params, param_shardings, mesh):
   )
 
 
+def _tuned_values(state) -> dict[str, jax.Array]:
+  """``yf.hyperparams(state)``; ``{}`` for an optimizer without YellowFin
+  (``optax.sgd``), where it raises."""
+  try:
+    return yf.hyperparams(state)
+  except ValueError:
+    return {}
+
+
 def setup(tx, params, mesh, explicit: bool):
   """Sharded params, state and the jitted train step."""
   param_shardings = fsdp_sharding(params, mesh)
@@ -104,8 +113,8 @@ def setup(tx, params, mesh, explicit: bool):
 
   def step(p, s, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(p, x, y, explicit)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss, yf.hyperparams(s)
+    updates, s = tx.update(grads, s, p, value=loss)
+    return optax.apply_updates(p, updates), s, loss, _tuned_values(s)
 
   if explicit:
     state = jax.jit(tx.init)(params)

@@ -25,39 +25,56 @@ def test_smooth_and_speedup_protocol():
   assert np.isnan(bench.speedup(a, np.full(8, np.nan), 2))
 
 
-def test_gain_zero_is_open_loop_yellowfin():
-  """The benchmark's open loop applies exactly delayed_gradients(yellowfin())."""
-  problem = bench.noisy_quadratic(dim=3, noise=0.01)
-  logs, _ = bench.make_runner(problem, 'yf', 4, 40)(0.0, 0)
+STALENESS = 7
+STEPS = 500
 
-  tx = yf.delayed_gradients(4, yf.yellowfin())
-  x = problem.init(None)
+
+@pytest.fixture(scope='module')
+def quick(tmp_path_factory):
+  """One short run of the script (n=1 noisy quadratic, staleness 7, open
+  and closed loop, one seed), shared by the tests below: ``(payload, out)``."""
+  out = tmp_path_factory.mktemp('async_closed_loop')
+  payload = bench.main([
+      '--problems', 'quadratic', '--quad-steps', str(STEPS), '--seeds', '1',
+      '--staleness', str(STALENESS), '--sweep-dims', '', '--out', str(out),
+      '--methods', 'yf_open,yf_closed',
+  ])
+  return payload, out
+
+
+def test_gain_zero_is_open_loop_yellowfin(quick):
+  """The benchmark's open loop applies exactly delayed_gradients(yellowfin())
+  (same problem, seed and noise, stepped here one jitted call at a time)."""
+  payload, _ = quick
+  logs = payload['results'][0]['runs']['yf_open'][0]
+  problem = bench.noisy_quadratic(dim=1, noise=0.01)
+  tx = yf.delayed_gradients(STALENESS, yf.yellowfin())
+  k_init, k_data = jax.random.split(jax.random.key(0))
+  x = problem.init(k_init)
   state = tx.init(x)
-  keys = jax.random.split(jax.random.split(jax.random.key(0))[1], 40)
   update, grad = jax.jit(tx.update), jax.jit(problem.grad)
-  losses = []
-  for key in keys:
+  losses, lrs = [], []
+  for key in jax.random.split(k_data, STEPS):
     loss, g = grad(x, problem.sample(key))
-    losses.append(float(loss))
-    u, state = update(g, state, x)
+    u, state = update(g, state, x, value=loss)
     x = optax.apply_updates(x, u)
+    losses.append(loss)
+    lrs.append(yf.hyperparams(state)['learning_rate'])
   np.testing.assert_allclose(logs['loss'], losses, rtol=1e-4)
+  np.testing.assert_allclose(logs['learning_rate'], lrs, rtol=1e-4)
+  assert len(set(np.asarray(lrs).tolist())) > 100  # it was tuned
   # Open loop: the applied momentum is the target, every step.
   np.testing.assert_array_equal(logs['algorithmic_momentum'],
                                 logs['target_momentum'])
 
 
-def test_quick_pipeline_writes_outputs_and_closed_loop_stabilises(tmp_path):
+def test_quick_pipeline_writes_outputs_and_closed_loop_stabilises(quick):
   """n=1 noisy quadratic, staleness 7: open loop oscillates, closed loop not.
 
   Also exercises the script's path (runs, tables, JSON, figure); the Adam
   grid and the other methods are left to the full run to keep this fast.
   """
-  payload = bench.main([
-      '--problems', 'quadratic', '--quad-steps', '500', '--seeds', '1',
-      '--staleness', '7', '--sweep-dims', '', '--out', str(tmp_path),
-      '--methods', 'yf_open,yf_closed',
-  ])
+  payload, tmp_path = quick
   (r,) = payload['results']
   s = r['summary']
   assert set(s) == {'yf_open', 'yf_closed'}
@@ -70,7 +87,7 @@ def test_quick_pipeline_writes_outputs_and_closed_loop_stabilises(tmp_path):
   assert (s['yf_closed']['final_smoothed_loss'][0] <
           1e-3 * s['yf_open']['final_smoothed_loss'][0])
   saved = json.loads((tmp_path / 'results.json').read_text())
-  assert len(saved['results'][0]['runs']['yf_closed'][0]['loss']) == 500
+  assert len(saved['results'][0]['runs']['yf_closed'][0]['loss']) == STEPS
   assert (tmp_path / 'momentum.png').stat().st_size > 10_000
   assert '| closed-loop YF |' in (tmp_path / 'results.md').read_text()
 

@@ -118,19 +118,15 @@ def delayed_gradients(
     if value is not None:
       extra_args['value'] = stale_value
 
-    def apply(_):
-      return inner.update(stale, state.inner, params, **extra_args)
-
-    def wait(_):
-      shapes = jax.eval_shape(apply, None)[0]
-      # zeros_like(stale) carries the gradients' sharding: cond's branches
-      # must agree on it.
-      zeros = jax.tree.map(lambda s, g: jnp.zeros_like(g, dtype=s.dtype),
-                           shapes, stale)
-      return zeros, state.inner
-
-    new_updates, inner_state = jax.lax.cond(
-        state.received >= staleness, apply, wait, None)
+    # Selected, not a lax.cond: a cond over closures made anew each call
+    # recompiles every eager step. While the ring fills the inner step runs
+    # on a placeholder and is thrown away: its state never sees it.
+    ready = state.received >= staleness
+    new_updates, inner_state = inner.update(stale, state.inner, params,
+                                            **extra_args)
+    new_updates = jax.tree.map(lambda u: jnp.where(ready, u, 0).astype(u.dtype),
+                               new_updates)
+    inner_state = optax.tree.where(ready, inner_state, state.inner)
     values = state.pending_values
     if value is not None:
       values = values.at[slot].set(jnp.asarray(value, jnp.float32))

@@ -261,8 +261,7 @@ def robust_momentum(h_min, h_max, eps, eps_curv=None) -> jax.Array:
 
 
 def tune(h_min, h_max, grad_var, dist_to_opt, count, curvature_window,
-         eps=1e-6, *, slow_start=10, eps_var=None, eps_dist=None,
-         eps_curv=None):
+         eps=1e-6, *, eps_var=None, eps_dist=None, eps_curv=None):
   r"""YellowFin's instantaneous learning rate and momentum.
 
   .. math::
@@ -271,8 +270,7 @@ def tune(h_min, h_max, grad_var, dist_to_opt, count, curvature_window,
     \alpha_t = \frac{(1 - \sqrt{\mu_t})^2}{h_{\min}} \cdot
       \min\left(1, \frac{t + 1}{10 w}\right),
 
-  ``x`` the :func:`cubic_root` of :math:`p = (D h_{\min})^2 / 2C` and
-  ``k`` = ``slow_start`` (the reference's 10). The
+  ``x`` the :func:`cubic_root` of :math:`p = (D h_{\min})^2 / 2C`. The
   reference adds ``eps`` to ``C``, ``D`` and the curvatures; in loss units
   they have units, and ``eps_var``, ``eps_dist``, ``eps_curv`` (default
   ``eps``) give each its own.
@@ -290,7 +288,7 @@ def tune(h_min, h_max, grad_var, dist_to_opt, count, curvature_window,
   mu_t = jnp.maximum(cubic_root(q * q, eps) ** 2,
                      robust_momentum(h_min, h_max, eps, eps_curv))
   lr_t = (1.0 - jnp.sqrt(mu_t)) ** 2 / (h_min + eps_curv)
-  ramp = (count.astype(jnp.float32) + 1.0) / (slow_start * curvature_window)
+  ramp = (count.astype(jnp.float32) + 1.0) / (10.0 * curvature_window)
   return jnp.minimum(lr_t, lr_t * ramp), mu_t
 
 
@@ -666,8 +664,8 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
         exploding, clip_factor(s, jnp.sqrt(h_max_s) + eps_norm, eps_g), 1.0)
 
   # Tune. The reference keeps its initial values at step 0; in loss units
-  # they would have the wrong units, so step 0 is tuned too (its move is
-  # 1/(5 w) of the Polyak step f/||g||, under the reference's slow start).
+  # they would have the wrong units, so step 0 is tuned too: under the
+  # reference's slow start it moves 2/(10 w) of the Polyak step f/||g||.
   lr_t, mu_t = tune(h_min, h_max, grad_var, dist_to_opt, t, w, c.eps,
                     eps_var=eps_s, eps_dist=eps_d, eps_curv=eps_h)
   tuning = jnp.array(True) if loss_units else t > 0
