@@ -255,6 +255,19 @@ def markdown(results: dict[str, Any]) -> str:
           cells.append(_analysis.fmt(_analysis.summary(e[key]), digits))
       label = f'{name} ({r["metric"]})' if key == 'metric' else name
       lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  lines += ['', '### Final smoothed training loss / tuned Adam\'s (per seed; '
+            '<= 1: ends as low as Adam)', '',
+            '| task | ' + ' | '.join(opts) + ' |',
+            '|---' * (len(opts) + 1) + '|']
+  for name, r in tasks.items():
+    adam = r['optimizers'].get('adam')
+    cells = []
+    for o in opts:
+      e = r['optimizers'].get(o)
+      cells.append('' if e is None or adam is None else _analysis.fmt(
+          _analysis.summary([a / b for a, b in zip(
+              e['final_smoothed_loss'], adam['final_smoothed_loss'])])))
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   lines += ['', '### Tuned learning rates (grid on seed 0)', '',
             '| task | optimizer | grid: min smoothed loss | chosen |',
             '|---|---|---|---|']

@@ -2,24 +2,24 @@
 
 A Flax linen LSTM (embedding -> ``OptimizedLSTMCell`` -> dense) learns to
 predict the next character of Tiny Shakespeare (the corpus the YellowFin
-TensorFlow reference ships) with ``yellowfin_optax.yellowfin()`` at its
-defaults. The jitted step returns ``yellowfin_optax.hyperparams(state)``; the
-progress bar shows the tuned learning rate and momentum. The last 10% of the
-text is held out for a validation loss. At the end it samples text from the
-trained model.
+TensorFlow reference ships) with
+``yellowfin_optax.yellowfin_auto(total_steps=steps)``, untuned (its update
+takes the minibatch loss: ``value=loss``). The jitted step returns the tuned
+learning rate and momentum from ``yellowfin_optax.hyperparams(state)``; the
+progress bar shows them. The last 10% of the text is held out for a
+validation loss. At the end it samples text from the trained model.
 
 The data is read from ``../shared/data/tinyshakespeare/input.txt`` relative to
 the repository root (or ``--data``); nothing is downloaded.
 
 Run::
 
-  python examples/char_lstm.py --steps 500 --out results
+  python examples/char_lstm.py --steps 500 --out char_lstm.png
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,8 +32,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+import plotting  # examples/plotting.py, next to this file
 import yellowfin_optax
-from yellowfin_optax import plotting
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO_ROOT, '..', 'shared', 'data',
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument('--sample-chars', type=int, default=300)
   parser.add_argument('--data', default=DEFAULT_DATA)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--out', default='results')
+  parser.add_argument('--out', default='char_lstm.png', help='figure path')
   args = parser.parse_args(argv)
 
   text = load_text(args.data)
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   init_tokens = jnp.zeros((1, args.seq_len), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(args.seed),
                                init_tokens)['params']
-  tx = yellowfin_optax.yellowfin()
+  tx = yellowfin_optax.yellowfin_auto(total_steps=args.steps)
   opt_state = tx.init(params)
 
   def loss_fn(p, batch):
@@ -116,9 +116,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   @jax.jit
   def train_step(p, s, batch):
     loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss, (
-        yellowfin_optax.hyperparams(s))
+    updates, s = tx.update(grads, s, p, value=loss)
+    hp = yellowfin_optax.hyperparams(s)
+    return (optax.apply_updates(p, updates), s, loss, hp['learning_rate'],
+            hp['momentum'])
 
   eval_loss = jax.jit(loss_fn)
   rng = np.random.default_rng(args.seed)
@@ -128,23 +129,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return np.stack([source[s:s + args.seq_len + 1] for s in starts])
 
   start = time.perf_counter()
-  losses, history = [], []
+  history = []
   bar = tqdm(range(args.steps), desc='char lstm', mininterval=0.5)
   for i in bar:
-    params, opt_state, loss, hp = train_step(
+    params, opt_state, loss, lr, mu = train_step(
         params, opt_state, batch_from(train_data, args.batch_size))
-    losses.append(loss)
-    history.append(hp)
+    history.append((loss, lr, mu))
     if i % 50 == 0 or i == args.steps - 1:  # display only: one sync / 50 steps
-      bar.set_postfix(loss=f'{float(loss):.3f}',
-                      lr=f"{float(hp['learning_rate']):.3g}",
-                      mom=f"{float(hp['momentum']):.3f}")
-  losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
-  history = jax.device_get(jax.tree.map(lambda *v: jnp.stack(v), *history))
+      bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{float(lr):.3g}',
+                      mom=f'{float(mu):.3f}')
+  losses, lr, mu = (np.asarray(v, np.float64) for v in jax.device_get(
+      jax.tree.map(lambda *v: jnp.stack(v), *history)))
   valid_loss = float(np.mean([
       eval_loss(params, batch_from(valid_data, 64)) for _ in range(4)]))
   wall = time.perf_counter() - start
-  final = {k: float(v[-1]) for k, v in history.items()}
+  final = {k: float(v) for k, v in
+           yellowfin_optax.hyperparams(opt_state).items()}
 
   print(f"{'steps':>6}{'train loss':>12}{'valid loss':>12}{'lr':>10}"
         f"{'momentum':>10}{'wall s':>8}")
@@ -162,18 +162,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print(text_out)
   print('--------------')
 
-  os.makedirs(args.out, exist_ok=True)
-  png = os.path.join(args.out, 'char_lstm.png')
-  plotting.plot_training(history, losses, labels=['YellowFin (LSTM)'],
-                         path=png, smoothing_window=25,
-                         title='char-level LSTM, Tiny Shakespeare')
-  summary = {'config': vars(args), 'final_hyperparams': final,
-             'valid_loss': valid_loss, 'wall_time_s': wall,
-             'losses': losses.tolist(), 'sample': text_out}
-  with open(os.path.join(args.out, 'char_lstm.json'), 'w') as f:
-    json.dump(summary, f)
-  print(f'wrote {png}')
-  return summary
+  plotting.plot_runs(
+      {'yellowfin_auto (LSTM)': {'loss': losses, 'learning_rate': lr,
+                                 'momentum': mu}},
+      path=args.out, smoothing_window=25,
+      title='char-level LSTM, Tiny Shakespeare')
+  print(f'wrote {args.out}')
+  return {'config': vars(args), 'final_hyperparams': final,
+          'valid_loss': valid_loss, 'wall_s': wall, 'losses': losses,
+          'learning_rate': lr, 'momentum': mu, 'sample': text_out}
 
 
 if __name__ == '__main__':

@@ -3,19 +3,25 @@
 ``flax.training.train_state.TrainState`` keeps the optimizer state in
 ``state.opt_state``; ``yellowfin_optax.hyperparams(state.opt_state)`` reads
 the tuned learning rate and momentum from it, inside the jitted step.
+
+``yellowfin_auto`` needs the loss: ``tx.update(grads, opt_state, params,
+value=loss)``. Flax's ``TrainState.apply_gradients(grads=..., **kwargs)``
+does *not* forward keyword arguments to ``tx.update`` (it ``.replace()``-s
+them as dataclass fields, so ``value=loss`` would fail), hence the small
+subclass below whose ``apply_gradients(grads=grads, value=loss)`` calls
+``tx.update`` itself.
+
 MNIST-1D is generated locally (``mnist1d.data.make_dataset``; nothing is
 downloaded).
 
 Run::
 
-  python examples/linen_train_state.py --steps 500 --out results
+  python examples/linen_train_state.py --steps 500 --out linen_train_state.png
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from typing import Sequence
@@ -28,8 +34,20 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
+import plotting  # examples/plotting.py, next to this file
 import yellowfin_optax
-from yellowfin_optax import plotting
+
+
+class TrainState(train_state.TrainState):
+  """A ``TrainState`` whose ``apply_gradients`` passes the loss on to
+  ``tx.update`` (as ``value=``, the keyword ``yellowfin_auto`` reads)."""
+
+  def apply_gradients(self, *, grads, value, **kwargs):
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
+                                        value=value)
+    return self.replace(step=self.step + 1,
+                        params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, **kwargs)
 
 
 class CNN1D(nn.Module):
@@ -60,18 +78,19 @@ def load_mnist1d(num_samples: int, seed: int):
 
 
 @jax.jit
-def train_step(state: train_state.TrainState, x, y):
+def train_step(state: TrainState, x, y):
   def loss_fn(params):
     logits = state.apply_fn({'params': params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  state = state.apply_gradients(grads=grads)
-  return state, loss, yellowfin_optax.hyperparams(state.opt_state)
+  state = state.apply_gradients(grads=grads, value=loss)
+  hp = yellowfin_optax.hyperparams(state.opt_state)
+  return state, loss, hp['learning_rate'], hp['momentum']
 
 
 @jax.jit
-def accuracy(state: train_state.TrainState, x, y):
+def accuracy(state: TrainState, x, y):
   logits = state.apply_fn({'params': state.params}, x)
   return jnp.mean(jnp.argmax(logits, -1) == y)
 
@@ -83,31 +102,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument('--num-samples', type=int, default=5000,
                       help='MNIST-1D samples to generate (80%% train)')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--out', default='results')
+  parser.add_argument('--out', default='linen_train_state.png',
+                      help='figure path')
   args = parser.parse_args(argv)
 
   x_train, y_train, x_test, y_test = load_mnist1d(args.num_samples, args.seed)
   model = CNN1D()
-  state = train_state.TrainState.create(
+  state = TrainState.create(
       apply_fn=model.apply,
       params=jax.jit(model.init)(jax.random.key(args.seed),
                                 x_train[:1])['params'],
-      tx=yellowfin_optax.yellowfin(),
+      tx=yellowfin_optax.yellowfin_auto(total_steps=args.steps),
   )
 
   rng = np.random.default_rng(args.seed)
   start = time.perf_counter()
-  losses, history = [], []
+  history = []
   for _ in tqdm(range(args.steps), desc='linen TrainState', mininterval=0.5):
     idx = rng.integers(0, len(x_train), args.batch_size)
-    state, loss, hp = train_step(state, x_train[idx], y_train[idx])
-    losses.append(loss)
-    history.append(hp)
-  losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
-  history = jax.device_get(jax.tree.map(lambda *v: jnp.stack(v), *history))
+    state, *logged = train_step(state, x_train[idx], y_train[idx])
+    history.append(logged)
+  # One transfer at the end: the loop never waited for the device.
+  losses, lr, mu = (np.asarray(v, np.float64) for v in jax.device_get(
+      jax.tree.map(lambda *v: jnp.stack(v), *history)))
   test_acc = float(accuracy(state, x_test, y_test))
   wall = time.perf_counter() - start
-  final = {k: float(v[-1]) for k, v in history.items()}
+  final = {k: float(v) for k, v in
+           yellowfin_optax.hyperparams(state.opt_state).items()}
 
   print(f"{'steps':>6}{'train loss':>12}{'test acc':>10}{'lr':>10}"
         f"{'momentum':>10}{'wall s':>8}")
@@ -115,17 +136,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{final['learning_rate']:>10.3g}{final['momentum']:>10.3f}"
         f'{wall:>8.1f}')
 
-  os.makedirs(args.out, exist_ok=True)
-  png = os.path.join(args.out, 'linen_train_state.png')
-  plotting.plot_training(history, losses, labels=['YellowFin (linen)'],
-                         path=png, title='linen TrainState, MNIST-1D 1-d CNN')
-  summary = {'config': vars(args), 'final_hyperparams': final,
-             'test_accuracy': test_acc, 'wall_time_s': wall,
-             'losses': losses.tolist()}
-  with open(os.path.join(args.out, 'linen_train_state.json'), 'w') as f:
-    json.dump(summary, f)
-  print(f'wrote {png}')
-  return summary
+  plotting.plot_runs(
+      {'yellowfin_auto (linen)': {'loss': losses, 'learning_rate': lr,
+                                  'momentum': mu}},
+      path=args.out, title='linen TrainState, MNIST-1D 1-d CNN')
+  print(f'wrote {args.out}')
+  return {'config': vars(args), 'final_hyperparams': final,
+          'test_accuracy': test_acc, 'wall_s': wall, 'losses': losses,
+          'learning_rate': lr, 'momentum': mu}
 
 
 if __name__ == '__main__':

@@ -2,24 +2,24 @@
 
 Shows the three things an NNX user needs:
 
-1. ``nnx.Optimizer(model, yellowfin_optax.yellowfin(), wrt=nnx.Param)`` and
-   ``optimizer.update(model, grads)`` inside ``@nnx.jit``;
+1. ``nnx.Optimizer(model, yellowfin_optax.yellowfin_auto(total_steps=steps),
+   wrt=nnx.Param)`` and ``optimizer.update(model, grads, value=loss)`` inside
+   ``@nnx.jit`` (``yellowfin_auto`` measures its curvature from the loss;
+   ``nnx.Optimizer.update`` forwards keyword arguments to ``tx.update``);
 2. how to read the tuned learning rate and momentum:
-   ``yellowfin_optax.hyperparams(optimizer.opt_state)`` (NNX wraps every
-   state leaf in an ``nnx.Variable``; ``hyperparams`` looks through it). This
-   works inside ``nnx.jit``;
+   ``yellowfin_optax.hyperparams(optimizer.opt_state)['learning_rate']``
+   (NNX wraps every state leaf in an ``nnx.Variable``; ``hyperparams`` looks
+   through it). This works inside ``nnx.jit`` and outside;
 3. logging those values every step without a host sync.
 
 Run::
 
-  python examples/nnx_mlp.py --steps 300 --out results
+  python examples/nnx_mlp.py --steps 300 --out nnx_mlp.png
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from typing import Sequence
@@ -33,8 +33,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
+import plotting  # examples/plotting.py, next to this file
 import yellowfin_optax
-from yellowfin_optax import plotting
 
 
 class MLP(nnx.Module):
@@ -58,8 +58,9 @@ def loss_fn(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
 @nnx.jit
 def train_step(model: MLP, optimizer: nnx.Optimizer, x, y):
   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-  optimizer.update(model, grads)
-  return loss, yellowfin_optax.hyperparams(optimizer.opt_state)
+  optimizer.update(model, grads, value=loss)  # value=: yellowfin_auto needs it
+  hp = yellowfin_optax.hyperparams(optimizer.opt_state)  # inside nnx.jit
+  return loss, hp['learning_rate'], hp['momentum']
 
 
 @nnx.jit
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument('--batch-size', type=int, default=64)
   parser.add_argument('--hidden', type=int, default=128)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--out', default='results')
+  parser.add_argument('--out', default='nnx_mlp.png', help='figure path')
   args = parser.parse_args(argv)
 
   digits = load_digits()
@@ -83,18 +84,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
       x, y, test_size=0.2, random_state=args.seed, stratify=y)
 
   model = MLP(args.hidden, rngs=nnx.Rngs(args.seed))
-  optimizer = nnx.Optimizer(model, yellowfin_optax.yellowfin(), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+      model, yellowfin_optax.yellowfin_auto(total_steps=args.steps),
+      wrt=nnx.Param)
 
   rng = np.random.default_rng(args.seed)
   start = time.perf_counter()
-  losses, history = [], []
+  history = []
   for _ in tqdm(range(args.steps), desc='nnx mlp', mininterval=0.5):
     idx = rng.integers(0, len(x_train), args.batch_size)
-    loss, hp = train_step(model, optimizer, x_train[idx], y_train[idx])
-    losses.append(loss)
-    history.append(hp)
-  losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
-  history = jax.device_get(jax.tree.map(lambda *v: jnp.stack(v), *history))
+    history.append(train_step(model, optimizer, x_train[idx], y_train[idx]))
+  # One transfer at the end: the loop never waited for the device.
+  losses, lr, mu = (np.asarray(v, np.float64) for v in jax.device_get(
+      jax.tree.map(lambda *v: jnp.stack(v), *history)))
   test_acc = float(accuracy(model, x_test, y_test))
   wall = time.perf_counter() - start
 
@@ -107,17 +109,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{final['learning_rate']:>10.3g}{final['momentum']:>10.3f}"
         f'{wall:>8.1f}')
 
-  os.makedirs(args.out, exist_ok=True)
-  png = os.path.join(args.out, 'nnx_mlp.png')
-  plotting.plot_training(history, losses, labels=['YellowFin (NNX)'],
-                         path=png, title='Flax NNX MLP on sklearn digits')
-  summary = {'config': vars(args), 'final_hyperparams': final,
-             'test_accuracy': test_acc, 'wall_time_s': wall,
-             'losses': losses.tolist()}
-  with open(os.path.join(args.out, 'nnx_mlp.json'), 'w') as f:
-    json.dump(summary, f)
-  print(f'wrote {png}')
-  return summary
+  plotting.plot_runs(
+      {'yellowfin_auto (NNX)': {'loss': losses, 'learning_rate': lr,
+                                'momentum': mu}},
+      path=args.out, title='Flax NNX MLP on sklearn digits')
+  print(f'wrote {args.out}')
+  return {'config': vars(args), 'final_hyperparams': final,
+          'test_accuracy': test_acc, 'wall_s': wall, 'losses': losses,
+          'learning_rate': lr, 'momentum': mu}
 
 
 if __name__ == '__main__':

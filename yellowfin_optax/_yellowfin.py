@@ -534,7 +534,9 @@ def init_state(config: _Config, params) -> YellowFinState:
       trace=optax.tree.zeros_like(params),
       sq_norm_ema=zero(), norm_ema=zero(), curvature_ema=zero(),
       dist_ema=zero(),
-      window=jnp.zeros([config.curvature_window], jnp.float32),
+      window=jnp.zeros(
+          [static_int('curvature_window', config.curvature_window, 1)],
+          jnp.float32),
       h_min_ema=zero(), h_max_ema=zero(), sparsity_ema=zero(),
       h_min=zero(), h_max=zero(), grad_var=zero(), dist_to_opt=zero(),
       lr_t=lr0(), mu_t=mu0(), lr_smoothed=lr0(), mu_smoothed=mu0(),
