@@ -87,7 +87,7 @@ def test_stress_100k_steps():
   # keeps lr * ||g|| <= 100.
   assert max_lr <= 1e6, max_lr
   assert int(hp['skipped_steps']) == N_BAD
-  assert int(hp['step']) == N_STEPS - N_BAD
+  assert int(hp['count']) == N_STEPS - N_BAD
   print(f'max lr {max_lr:.3g}, final lr {float(hp["learning_rate"]):.3g}, '
         f'momentum {float(hp["momentum"]):.3f}, skipped '
         f'{int(hp["skipped_steps"])}, max |param| '

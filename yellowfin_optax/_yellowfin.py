@@ -42,6 +42,7 @@ _TINY = float(np.finfo(np.float32).tiny)
 # one carries no information about the curvature and would poison the
 # variance EMA for ~1/(1 - beta) steps (BUILD_NOTES.md, fault table). The
 # reference's own burst (1000x gradients, 1e6 in ||g||^2) stays below it.
+# After curvature_window such steps in a row they are taken again.
 ABSURD_RATIO = 1e10
 CURVATURES = ('gradient', 'loss')
 NONFINITE_MODES = ('skip', 'raise_in_debug', 'propagate')
@@ -55,6 +56,8 @@ class YellowFinState(NamedTuple):
   Attributes:
     count: int32, number of steps applied (skipped steps do not count).
     skipped_steps: int32, steps skipped for a non-finite or absurd input.
+    skipped_before: int32, ``skipped_steps`` at the last step that was not
+      absurd: the difference is the current run of skipped steps.
     grad_ema: pytree like the params, float32: EMA of the gradient ``m``.
     trace: pytree like the params, in their dtypes: the heavy-ball buffer.
     sq_norm_ema: EMA of ``||g||^2``.
@@ -80,6 +83,7 @@ class YellowFinState(NamedTuple):
 
   count: jax.Array
   skipped_steps: jax.Array
+  skipped_before: jax.Array
   grad_ema: optax.Updates
   trace: optax.Updates
   sq_norm_ema: jax.Array
@@ -530,6 +534,7 @@ def init_state(config: _Config, params) -> YellowFinState:
   return YellowFinState(
       count=jnp.zeros([], jnp.int32),
       skipped_steps=jnp.zeros([], jnp.int32),
+      skipped_before=jnp.zeros([], jnp.int32),
       grad_ema=optax.tree.zeros_like(params, dtype=jnp.float32),
       trace=optax.tree.zeros_like(params),
       sq_norm_ema=zero(), norm_ema=zero(), curvature_ema=zero(),
@@ -700,6 +705,8 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   new = YellowFinState(
       count=optax.safe_increment(t), skipped_steps=state.skipped_steps,
+      skipped_before=jnp.where(absurd, state.skipped_before,
+                               state.skipped_steps),
       grad_ema=optax.tree.update_moment(
           optax.tree.scale(stat_scale, g32), state.grad_ema, b, 1),
       trace=trace, sq_norm_ema=f32(sq_norm_ema), norm_ema=f32(norm_ema),
@@ -711,7 +718,11 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
       mu_smoothed=f32(mu_smoothed), learning_rate=f32(lr), momentum=f32(mu),
   )
   scalars = [x for x in new if isinstance(x, jax.Array) and x.ndim == 0]
-  ok = all_finite(scalars) & ~absurd
+  # After a window of absurd steps in a row the gradient's scale has changed
+  # for good: from then on such steps are taken, clipped as the reference
+  # clips them, until the statistics catch up.
+  run = state.skipped_steps - state.skipped_before
+  ok = all_finite(scalars) & ~(absurd & (run < w))
   if c.on_nonfinite == 'propagate':
     ok = jnp.array(True)
   return new, _Step(grads=grads, scale=scale, target_momentum=f32(target), ok=ok)
@@ -861,6 +872,12 @@ def yellowfin_auto(
   training on ``k * loss`` gives the same parameters for every ``k``, as
   Adam does. With ``total_steps`` the learning rate decays along a cosine to
   0 at that step (measured to help whenever the run length is known).
+
+  The loss gives the units only for the gradient of that loss: a transform
+  chained before this one that rescales the gradient (a clip active on most
+  steps, a preconditioner) changes the measured curvature and not the loss,
+  and the step with it (a clip lengthens it). Leave them out: YellowFin
+  clips exploding gradients itself.
 
   Args:
     total_steps: run length for the cosine decay, or ``None`` for none.
