@@ -394,13 +394,14 @@ def closed_loop_yellowfin(
         numerator, past(slot))
     measurable = (t >= tau + 1) & (count > 0)
     total = jnp.where(measurable, jnp.clip(estimate, *_ESTIMATE_RANGE),
-                      state.total_momentum)
+                      state.total_momentum).astype(jnp.float32)
     target = step.target_momentum
     corrected = jnp.clip(delta + gain * (target - total), low - target,
                          high - target)
     new = ClosedLoopState(
         yellowfin=new_yf,
-        momentum_offset=jnp.where(measurable, corrected, delta),
+        momentum_offset=jnp.where(measurable, corrected, delta).astype(
+            jnp.float32),
         target_momentum=target, total_momentum=total,
         measured=state.measured + measurable.astype(jnp.int32),
         past_updates=jax.tree.map(lambda b, u: b.at[slot].set(u.astype(b.dtype)),
