@@ -31,7 +31,7 @@ from yellowfin_optax import _yellowfin
 
 MOMENTUM_RANGE = (-0.9, 0.999)  # the paper's Figure 3 goes below zero
 _ESTIMATE_RANGE = (-2.0, 2.0)  # reported total momentum
-_TINY = float(np.finfo(np.float32).tiny)
+_TINY = _yellowfin._TINY
 MEDIAN_SAMPLES = 4096  # standard error ~1.25 sigma / sqrt(n): 2% of the spread
 ESTIMATORS = ('median', 'least_squares')
 
