@@ -283,6 +283,7 @@ def bench_update(opts, shapes, reps, label, compare_hlo_dir=None):
   """Times every optimizer's update on gradients with the given leaf shapes."""
   import jax
   import jax.numpy as jnp
+  import optax
   n_params = int(sum(np.prod(s) for s in shapes))
   key = jax.random.PRNGKey(0)
   keys = jax.random.split(key, len(shapes))
@@ -301,7 +302,8 @@ def bench_update(opts, shapes, reps, label, compare_hlo_dir=None):
     # its neighbour's slot, which costs copies (2 for Adam at one leaf) that
     # a train step returning (params, state) does not pay.
     # value=: the loss, which yellowfin_auto needs and the others ignore.
-    fn = lambda g, s, tx=tx: tx.update(g, s, value=1.0)[::-1]
+    fn = lambda g, s, tx=optax.with_extra_args_support(tx): tx.update(
+        g, s, value=1.0)[::-1]
     cases.append(Case(name, fn, (grads, state), (1,), threshold,
                       lambda a, out: [a[0], out[0]]))
   # Streaming reference: a + c * b over the same leaves (2 reads, 1 write).
