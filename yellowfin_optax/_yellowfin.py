@@ -753,9 +753,8 @@ def momentum_updates(grads, trace, learning_rate, momentum, nesterov: bool,
 
 
 def skip_bad_step(ok, new, old, config: _Config):
-  """``new`` on a good step; on a bad one ``old`` with ``skipped_steps`` + 1
-  (``new`` and ``old`` are states of the same type holding a
-  :class:`YellowFinState`)."""
+  """``new`` on a good step, ``old`` on a bad one (states of one type);
+  :func:`count_skip` then counts the skip. Raises in debug mode if asked."""
   if config.on_nonfinite == 'raise_in_debug':
     jax.debug.callback(_raise_if_bad, ok)
   return optax.tree.where(ok, new, old)
