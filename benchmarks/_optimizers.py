@@ -48,6 +48,8 @@ class OptimizerSpec:
 
 # Tiny Shakespeare: ~1M training characters / (16 x 32) per batch.
 EPOCH_STEPS = 1960
+# The clip of the clipping benchmark (active on most steps of both tasks).
+CLIP = 0.1
 
 
 def log_grid(low_exp: float, high_exp: float, num: int) -> tuple[float, ...]:
@@ -80,6 +82,35 @@ def registry(grid_points: int = 5) -> dict[str, OptimizerSpec]:
           lambda lr, steps: yf.yellowfin_auto(total_steps=steps), None,
           'yellowfin', 'yellowfin_auto(total_steps=run length): + cosine',
           log_hyperparams=True),
+      'yellowfin_auto_rms': OptimizerSpec(
+          lambda lr, steps: yf.yellowfin_auto(direction=yf.rms_direction()),
+          None, 'yellowfin',
+          'yellowfin_auto(direction=rms_direction()): along RMSprop',
+          log_hyperparams=True),
+      'yellowfin_auto_rms_T': OptimizerSpec(
+          lambda lr, steps: yf.yellowfin_auto(
+              total_steps=steps, direction=yf.rms_direction()), None,
+          'yellowfin', 'yellowfin_auto_rms with total_steps=run length',
+          log_hyperparams=True),
+      'yellowfin_auto_rms_T_warm10': OptimizerSpec(
+          lambda lr, steps: yf.scale_by_yellowfin(
+              curvature='loss', direction=yf.rms_direction(),
+              total_steps=steps, warmup_steps=max(1, steps // 10)), None,
+          'yellowfin', 'yellowfin_auto_rms_T with a slow start over 10% of '
+          'the run (not 10 w = 200 steps)', log_hyperparams=True),
+      'yellowfin_auto_T_clip_inside': OptimizerSpec(
+          lambda lr, steps: yf.yellowfin_auto(
+              total_steps=steps, direction=optax.clip_by_global_norm(CLIP)),
+          None, 'yellowfin',
+          f'yellowfin_auto_T with clip_by_global_norm({CLIP}) as its '
+          'direction', log_hyperparams=True),
+      'yellowfin_auto_rms_T_clip_inside': OptimizerSpec(
+          lambda lr, steps: yf.yellowfin_auto(
+              total_steps=steps, direction=optax.chain(
+                  optax.clip_by_global_norm(CLIP), yf.rms_direction())),
+          None, 'yellowfin',
+          f'yellowfin_auto_rms_T with clip_by_global_norm({CLIP}) inside '
+          'its direction', log_hyperparams=True),
       'yellowfin_cosine': OptimizerSpec(
           lambda lr, steps: yf.yellowfin(
               lr_factor=optax.cosine_decay_schedule(1.0, steps)), None,

@@ -67,7 +67,13 @@ BASE_COMPARISONS = (
     ('yellowfin_auto', 'yellowfin'),
     ('yellowfin_auto_T', 'adam'), ('yellowfin_auto_T', 'momentum_sgd'),
     ('yellowfin_auto_T', 'adam_cosine'), ('yellowfin_auto_T', 'yellowfin_cosine'),
-    ('yellowfin_recipe', 'adam'))
+    ('yellowfin_recipe', 'adam'),
+    ('yellowfin_auto_rms', 'adam'), ('yellowfin_auto_rms', 'momentum_sgd'),
+    ('yellowfin_auto_rms_T', 'adam'), ('yellowfin_auto_rms_T', 'momentum_sgd'),
+    ('yellowfin_auto_rms_T', 'adam_cosine'),
+    ('yellowfin_auto_rms_T', 'yellowfin_auto_T'),
+    ('yellowfin_auto_rms_T_warm10', 'adam'),
+    ('yellowfin_auto_rms_T_warm10', 'momentum_sgd'))
 
 # What --before chains in front of every optimizer (issue 18: does the tuner
 # survive a clip or a diagonal preconditioner?).
@@ -219,55 +225,57 @@ def speedups(record: dict[str, Any], groups: dict[str, str]) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-  """The result tables."""
+  """The result tables: a row per comparison or optimizer, a column per task."""
   tasks = results['tasks']
+  names = list(tasks)
+  header = ['| {} | ' + ' | '.join(names) + ' |',
+            '|---' * (len(names) + 1) + '|']
+
+  def table(title, first, rows):
+    """rows: (label, {task: cell})."""
+    out = ['', f'### {title}', '', header[0].format(first), header[1]]
+    for label, cells in rows:
+      out.append(f'| {label} | ' + ' | '.join(cells.get(n, '') for n in names)
+                 + ' |')
+    return out
+
   lines = [f'## Benchmark results (profile `{results["profile"]}`)', '',
            f'Seeds: {results["seeds"]}; grid points: '
            f'{results["grid_points"]}; values are median [min, max] over '
-           'seeds.', '', '### Speedup (iterations of B / iterations of A to '
-           'the lowest smoothed training loss both reach; > 1: A faster)', '']
+           'seeds.']
   cols = list(dict.fromkeys(k for r in tasks.values() for k in r['speedups']))
-  lines.append('| task | ' + ' | '.join(c.replace('_vs_', ' vs ')
-                                         for c in cols) + ' |')
-  lines.append('|---' * (len(cols) + 1) + '|')
-  for name, r in tasks.items():
-    cells = [_analysis.fmt(r['speedups'][c]) if c in r['speedups'] else ''
-             for c in cols]
-    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  lines += table(
+      'Speedup (iterations of B / iterations of A to the lowest smoothed '
+      'training loss both reach; > 1: A faster)', 'A vs B',
+      [(c.replace('_vs_', ' vs '),
+        {n: _analysis.fmt(r['speedups'][c]) for n, r in tasks.items()
+         if c in r['speedups']}) for c in cols])
   opts = list(dict.fromkeys(o for r in tasks.values() for o in r['optimizers']))
-  for title, key, digits in (
-      ('Held-out metric (perplexity: lower is better; accuracy: higher)',
-       'metric', 3),
-      ('Minimum smoothed training loss', 'min_smoothed_loss', 3),
-      ('Final smoothed training loss', 'final_smoothed_loss', 3)):
-    lines += ['', f'### {title}', '',
-              '| task | ' + ' | '.join(opts) + ' |', '|---' * (len(opts) + 1)
-              + '|']
-    for name, r in tasks.items():
-      cells = []
-      for o in opts:
-        e = r['optimizers'].get(o)
-        if e is None:
-          cells.append('')
-        elif key == 'metric':
-          cells.append(_analysis.fmt(e['metric_summary'], digits))
-        else:
-          cells.append(_analysis.fmt(_analysis.summary(e[key]), digits))
-      label = f'{name} ({r["metric"]})' if key == 'metric' else name
-      lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-  lines += ['', '### Final smoothed training loss / tuned Adam\'s (per seed; '
-            '<= 1: ends as low as Adam)', '',
-            '| task | ' + ' | '.join(opts) + ' |',
-            '|---' * (len(opts) + 1) + '|']
-  for name, r in tasks.items():
-    adam = r['optimizers'].get('adam')
-    cells = []
+  metrics = ', '.join(f'{n}: {r["metric"]}' for n, r in tasks.items())
+  for title, key in (
+      (f'Held-out metric ({metrics}; perplexity: lower is better, accuracy: '
+       'higher)', 'metric'),
+      ('Minimum smoothed training loss', 'min_smoothed_loss'),
+      ('Final smoothed training loss', 'final_smoothed_loss'),
+      ("Final smoothed training loss / tuned Adam's (per seed; <= 1: ends as "
+       'low as Adam)', 'ratio')):
+    rows = []
     for o in opts:
-      e = r['optimizers'].get(o)
-      cells.append('' if e is None or adam is None else _analysis.fmt(
-          _analysis.summary([a / b for a, b in zip(
-              e['final_smoothed_loss'], adam['final_smoothed_loss'])])))
-    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+      cells = {}
+      for n, r in tasks.items():
+        e, adam = r['optimizers'].get(o), r['optimizers'].get('adam')
+        if e is None:
+          continue
+        if key == 'metric':
+          cells[n] = _analysis.fmt(e['metric_summary'], 3)
+        elif key == 'ratio':
+          if adam is not None:
+            cells[n] = _analysis.fmt(_analysis.summary([a / b for a, b in zip(
+                e['final_smoothed_loss'], adam['final_smoothed_loss'])]))
+        else:
+          cells[n] = _analysis.fmt(_analysis.summary(e[key]), 3)
+      rows.append((o, cells))
+    lines += table(title, 'optimizer', rows)
   lines += ['', '### Tuned learning rates (grid on seed 0)', '',
             '| task | optimizer | grid: min smoothed loss | chosen |',
             '|---|---|---|---|']
@@ -365,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base, update = (json.loads(pathlib.Path(p).read_text())
                     for p in args.merge)
     groups = {**{k: s.group for k, s in _optimizers.registry().items()}}
+    base['optimizers'].update(update['optimizers'])
     for name, r in update['tasks'].items():
       b = base['tasks'].setdefault(name, r)
       b['optimizers'].update(r['optimizers'])

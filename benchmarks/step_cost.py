@@ -54,8 +54,11 @@ import numpy as np
 #     be written, so g is read twice: pass 1 reads g and m (||g||^2 and
 #     <m, g>, from which ||m_new||^2 follows algebraically), pass 2 reads g, m,
 #     v and writes m, v, u.
+#   yellowfin_auto along rms_direction(): pass 1 also reads the second
+#     moment s (for d = g / sqrt(s_new)) and writes s_new; pass 2 reads it
+#     again: 11.
 MIN_BUFFERS = {'sgd_momentum': 4, 'adam': 6, 'yellowfin': 8,
-               'yellowfin_auto': 8,
+               'yellowfin_auto': 8, 'yellowfin_auto_rms': 11,
                'closed_loop': 8, 'yellowfin_floor': 8, 'stream': 3}
 
 
@@ -122,6 +125,7 @@ def make_optimizers(compare: list[str], closed_loop: bool = True):
       'sgd_momentum': optax.sgd(1e-2, momentum=0.9),
       'yellowfin': yf.yellowfin(),
       'yellowfin_auto': yf.yellowfin_auto(),
+      'yellowfin_auto_rms': yf.yellowfin_auto(direction=yf.rms_direction()),
       'yellowfin_floor': yellowfin_floor(),
   }
   if closed_loop and hasattr(yf, 'closed_loop_yellowfin'):
@@ -383,6 +387,8 @@ def bench_model(opts, reps, batch=128):
 
   cases = []
   for name, tx in opts.items():
+    tx = optax.with_extra_args_support(tx)  # value=: for yellowfin_auto
+
     def step(p, s, tx=tx):
       loss, g = jax.value_and_grad(loss_fn)(p)
       u, s = tx.update(g, s, p, value=loss)

@@ -6,8 +6,9 @@ train/test split) with three optimizers, from the same initial parameters on
 the same sequence of mini-batches:
 
 * ``yellowfin_optax.yellowfin_auto(total_steps=steps)``: the recommended
-  optimizer, untuned (it measures its curvature in loss units, so its
-  ``update`` takes ``value=loss``; ``total_steps`` adds a cosine decay);
+  optimizer, untuned (heavy-ball momentum along the RMS-preconditioned
+  gradient, its curvature measured in loss units, so its ``update`` takes
+  ``value=loss``; ``total_steps`` adds a cosine decay);
 * ``yellowfin_optax.yellowfin()``: the authors' reference, untuned;
 * ``optax.adam`` with its learning rate tuned for this run length: a small
   grid (``--adam-grid``, by default 1e-3 to 3e-2, whose best point is inside

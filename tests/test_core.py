@@ -5,6 +5,7 @@ inject_hyperparams) is tests/test_battery.py.
 """
 
 import re
+import chex
 
 import jax
 import jax.numpy as jnp
@@ -226,6 +227,7 @@ BAD_CONFIGS = [
     (dict(beta=jnp.array([0.9, 0.99])), 'beta must be a scalar'),
     (dict(curvature_window=jnp.array(2.5)), 'curvature_window must be an int'),
     (dict(total_steps=0), 'total_steps must be an int >= 1'),
+    (dict(direction=optax.identity()), "direction needs curvature='loss'"),
 ]
 
 
@@ -352,3 +354,60 @@ def test_tree_dots_group_small_leaves_exactly():
       want = sum(np.sum(np.float64(x) * np.float64(y))
                  for x, y in zip(trees[i], trees[j]))
       np.testing.assert_allclose(value, want, rtol=2e-6)
+
+
+def test_direction_must_be_a_transformation():
+  with pytest.raises(TypeError, match='direction must be an optax.GradientTransformation'):
+    yf.yellowfin_auto(direction=lambda g: g)
+
+
+def _run_directed(tx, steps=30):
+  """``steps`` eager updates on a fixed stream with a loss of 2."""
+  state, out = tx.init(PARAMS), []
+  for t in range(steps):
+    updates, state = tx.update(grads_at(t), state, PARAMS, value=jnp.float32(2.0))
+    out.append(updates)
+  return out, state
+
+
+def test_identity_direction_is_the_plain_optimizer_bit_for_bit():
+  """Along d = g the curvature <g, d> / 2f is ||g||^2 / 2f, exactly."""
+  plain, plain_state = _run_directed(yf.yellowfin_auto())
+  directed, state = _run_directed(yf.yellowfin_auto(direction=optax.identity()))
+  chex.assert_trees_all_equal(plain, directed)
+  chex.assert_trees_all_equal(plain_state, state._replace(
+      direction_state=plain_state.direction_state))
+
+
+def test_direction_against_the_gradient_is_skipped_and_its_state_kept():
+  """<g, d> <= 0: not a descent direction. The step is skipped and the
+  direction's own state is left as it was (no silent state change)."""
+  tx = yf.yellowfin_auto(direction=optax.chain(
+      yf.rms_direction(), optax.scale(-1.0)))
+  updates, state = _run_directed(tx, steps=3)
+  assert int(state.skipped_steps) == 3 and int(state.count) == 0
+  assert all(not np.any(np.asarray(u)) for step in updates
+             for u in jax.tree.leaves(step))
+  chex.assert_trees_all_equal(state.direction_state, tx.init(PARAMS).direction_state)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float16, jnp.bfloat16])
+def test_rms_direction_keeps_low_precision_gradients_finite(dtype):
+  """A direction runs in float32: float16 gradients of 1e-5 (whose squares
+  underflow in float16) still train; updates keep the gradients' dtype."""
+  params = {'w': jnp.ones(8, dtype)}
+  tx = yf.yellowfin_auto(direction=yf.rms_direction())
+  state = tx.init(params)
+  assert state.direction_state.nu['w'].dtype == jnp.float32
+  for t in range(5):
+    grads = {'w': jnp.full(8, 1e-5 * (1 + t), dtype)}
+    updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+  assert updates['w'].dtype == dtype
+  assert int(state.skipped_steps) == 0
+  assert np.all(np.isfinite(np.asarray(updates['w'], np.float32)))
+  assert np.all(np.asarray(updates['w'], np.float32) < 0)
+
+
+def test_rms_direction_decay_is_checked():
+  with pytest.raises(ValueError, match=re.escape('decay must be in (0.0, 1.0)')):
+    yf.rms_direction(decay=1.0)

@@ -164,7 +164,8 @@ SCALES = (1e-3, 1e-1, 10.0, 1e3)  # k; k = 1 is the reference run
 INVARIANCE_STEPS = 200
 BATCH = 64
 # Measured relative parameter differences after 200 steps: yellowfin_auto
-# <= 1e-6, Adam with eps -> 0 <= 3e-7 (with its default eps=1e-8, 6e-2 at
+# <= 1e-6 (along rms_direction() <= 5e-7; with the gradient rescaled inside
+# direction <= 1.5e-6), Adam with eps -> 0 <= 3e-7 (with its default eps=1e-8, 6e-2 at
 # k = 1e-3: its eps is in gradient units), yellowfin() 0.5 .. 12.
 INVARIANT = 1e-4
 NOT_INVARIANT = 1e-1
@@ -200,6 +201,12 @@ def _softmax(p, x):
 MODELS = {'mlp': (_mlp_init, _mlp), 'softmax_regression': (_softmax_init, _softmax)}
 OPTIMIZERS = {
     'yellowfin_auto': yf.yellowfin_auto,
+    'yellowfin_auto_rms': lambda: yf.yellowfin_auto(
+        direction=yf.rms_direction()),
+    # A constant rescale of the gradient before the tuner, as its direction:
+    # k multiplies the gradient (not the loss) in _train_scaled.
+    'yellowfin_auto_scaled_direction': lambda k: yf.yellowfin_auto(
+        direction=optax.scale(k)),
     'adam': lambda: optax.adam(1e-2, eps=0.0, eps_root=1e-30),
     'yellowfin': yf.yellowfin,
 }
@@ -214,17 +221,19 @@ def _train_scaled(optimizer, model):
   """Final params (and losses) for k = 1 and every k in SCALES: one jitted
   scan, vmapped over k (one compilation)."""
   xs, ys = _digits_batches()
-  tx = OPTIMIZERS[optimizer]()
   scales = jnp.asarray((1.0,) + SCALES, jnp.float32)
+  in_direction = optimizer.endswith('_direction')
 
   def train(apply, params, xs, ys, k):
-    loss = lambda p, x, y: k * _cross_entropy(apply, p, x, y)
+    tx = OPTIMIZERS[optimizer](k) if in_direction else OPTIMIZERS[optimizer]()
+    loss_scale = 1.0 if in_direction else k
+    loss = lambda p, x, y: loss_scale * _cross_entropy(apply, p, x, y)
 
     def step(carry, batch):
       params, state = carry
       value, grads = jax.value_and_grad(loss)(params, *batch)
       updates, state = tx.update(grads, state, params, value=value)
-      return (optax.apply_updates(params, updates), state), value / k
+      return (optax.apply_updates(params, updates), state), value / loss_scale
 
     (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), (xs, ys))
     return params, losses
@@ -248,10 +257,14 @@ def _relative_differences(stacked):
 
 
 @pytest.mark.parametrize('model', list(MODELS))
-@pytest.mark.parametrize('optimizer', ['yellowfin_auto', 'adam'])
+@pytest.mark.parametrize('optimizer', [
+    'yellowfin_auto', 'yellowfin_auto_rms', 'yellowfin_auto_scaled_direction',
+    'adam'])
 def test_loss_scale_invariance(optimizer, model):
   """200 steps on k * loss, k in 1e-3..1e3: the parameters of k = 1 within
-  1e-4 relative (Adam with eps -> 0 is the control)."""
+  1e-4 relative (Adam with eps -> 0 is the control). Also along
+  ``rms_direction()``, and with the gradient (not the loss) rescaled by k
+  inside ``direction``."""
   params, losses = _train_scaled(optimizer, model)
   assert losses[0, -10:].mean() < 0.5 * losses[0, 0]  # it trains
   diffs = _relative_differences(params)
@@ -270,7 +283,9 @@ def test_reference_is_not_loss_scale_invariant(model):
 
 @pytest.mark.slow  # documents a measurement (8 s of compilation)
 def test_gradient_rescale_before_yellowfin_auto_scales_the_step_by_1_over_c():
-  """``optax.chain(optax.scale(c), yellowfin_auto())`` with the loss unscaled:
+  """A rescale by c chained *before* ``yellowfin_auto`` (inside
+  ``direction`` it is invariant: test_loss_scale_invariance), the loss
+  unscaled:
   the curvature ||c g||^2 / 2f is c^2 times larger, so (measured on a fixed
   stream of minibatch losses and gradients) the momentum is unchanged, the
   learning rate is divided by c^2 and the update by c; until the

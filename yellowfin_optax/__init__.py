@@ -10,6 +10,7 @@ from yellowfin_optax._closed_loop import ClosedLoopState
 from yellowfin_optax._closed_loop import delayed_gradients
 from yellowfin_optax._closed_loop import DelayedGradientsState
 from yellowfin_optax._yellowfin import hyperparams
+from yellowfin_optax._yellowfin import rms_direction
 from yellowfin_optax._yellowfin import scale_by_yellowfin
 from yellowfin_optax._yellowfin import yellowfin
 from yellowfin_optax._yellowfin import yellowfin_auto
@@ -24,6 +25,7 @@ __all__ = [
     'closed_loop_yellowfin',
     'delayed_gradients',
     'hyperparams',
+    'rms_direction',
     'scale_by_yellowfin',
     'yellowfin',
     'yellowfin_auto',
