@@ -12,7 +12,7 @@ or gradient scale) configure it.
 
 Memory: two parameter-size buffers (the gradient EMA in float32 and the
 momentum trace in the params' dtypes), like Adam, plus ``curvature_window +
-19`` scalars.
+19`` scalars and the state of a ``direction`` if one is given.
 
 References:
   Zhang & Mitliagkas, `YellowFin and the Art of Momentum Tuning
@@ -611,6 +611,11 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
                      momentum_offset=None, momentum_range=None, params=None):
   """One YellowFin step: the new state (not yet selected against a bad step)
   and the :class:`_Step` the caller needs to finish it."""
+  if jax.tree.structure(updates) != jax.tree.structure(state.grad_ema):
+    raise ValueError(
+        'The gradient pytree does not match the optimizer state: gradients '
+        f'{jax.tree.structure(updates)}, state (from init) '
+        f'{jax.tree.structure(state.grad_ema)}.')
   direction_state = state.direction_state
   raw = None
   if config.direction is not None:
@@ -618,11 +623,6 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
     direction, direction_state = config.direction.update(
         raw, direction_state, params, value=value)
     updates = jax.tree.map(lambda d, g: d.astype(g.dtype), direction, updates)
-  if jax.tree.structure(updates) != jax.tree.structure(state.grad_ema):
-    raise ValueError(
-        'The gradient pytree does not match the optimizer state: gradients '
-        f'{jax.tree.structure(updates)}, state (from init) '
-        f'{jax.tree.structure(state.grad_ema)}.')
   c = config
   w = state.window.shape[0]  # not c.curvature_window: it may be traced
   b, one_minus_b, log_b = ema_constants(c.beta)
