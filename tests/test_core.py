@@ -5,7 +5,6 @@ inject_hyperparams) is tests/test_battery.py.
 """
 
 import re
-import chex
 
 import jax
 import jax.numpy as jnp
@@ -374,8 +373,8 @@ def test_identity_direction_is_the_plain_optimizer_bit_for_bit():
   """Along d = g the curvature <g, d> / 2f is ||g||^2 / 2f, exactly."""
   plain, plain_state = _run_directed(yf.yellowfin_auto())
   directed, state = _run_directed(yf.yellowfin_auto(direction=optax.identity()))
-  chex.assert_trees_all_equal(plain, directed)
-  chex.assert_trees_all_equal(plain_state, state._replace(
+  assert_trees_equal(plain, directed)
+  assert_trees_equal(plain_state, state._replace(
       direction_state=plain_state.direction_state))
 
 
@@ -388,7 +387,7 @@ def test_direction_against_the_gradient_is_skipped_and_its_state_kept():
   assert int(state.skipped_steps) == 3 and int(state.count) == 0
   assert all(not np.any(np.asarray(u)) for step in updates
              for u in jax.tree.leaves(step))
-  chex.assert_trees_all_equal(state.direction_state, tx.init(PARAMS).direction_state)
+  assert_trees_equal(state.direction_state, tx.init(PARAMS).direction_state)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float16, jnp.bfloat16])
