@@ -14,9 +14,10 @@ are not tuned ignore the learning rate. Adding an optimizer is one entry in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from optax import contrib
@@ -59,6 +60,42 @@ def log_grid(low_exp: float, high_exp: float, num: int) -> tuple[float, ...]:
 
 def _sf_eval(state: Any, params: Any) -> Any:
   return contrib.schedule_free_eval_params(state, params)
+
+
+class _FloorState(NamedTuple):
+  inner: Any
+  loss_ema: jax.Array
+  count: jax.Array
+  best: jax.Array
+
+
+def running_floor(make: Callable[..., optax.GradientTransformation],
+                  fraction: float, beta: float = 0.98
+                  ) -> optax.GradientTransformationExtraArgs:
+  """The loss-floor route of issue 18, as a benchmark prototype:
+  ``loss_floor = fraction * min(min_t EMA(loss), loss)`` (the EMA debiased,
+  rate ``beta``),
+  fed to ``make`` through ``optax.inject_hyperparams``."""
+  inner = optax.inject_hyperparams(make)(loss_floor=0.0)
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.float32)
+    return _FloorState(inner.init(params), zero, jnp.zeros([], jnp.int32),
+                       jnp.full([], jnp.finfo(jnp.float32).max))
+
+  def update_fn(updates, state, params=None, *, value, **extra):
+    ema = beta * state.loss_ema + (1.0 - beta) * value
+    count = state.count + 1
+    best = jnp.minimum(state.best, ema / (1.0 - beta ** count))
+    # Below this step's loss too: f - f* >= (1 - fraction) f > 0.
+    hp = dict(state.inner.hyperparams,
+              loss_floor=fraction * jnp.minimum(best, value))
+    out, inner_state = inner.update(
+        updates, state.inner._replace(hyperparams=hp), params, value=value,
+        **extra)
+    return out, _FloorState(inner_state, ema, count, best)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def registry(grid_points: int = 5) -> dict[str, OptimizerSpec]:
@@ -111,6 +148,21 @@ def registry(grid_points: int = 5) -> dict[str, OptimizerSpec]:
           None, 'yellowfin',
           f'yellowfin_auto_rms_T with clip_by_global_norm({CLIP}) inside '
           'its direction', log_hyperparams=True),
+      'yellowfin_auto_floor50': OptimizerSpec(
+          lambda lr, steps: running_floor(yf.yellowfin_auto, 0.5), None,
+          'yellowfin', 'yellowfin_auto with loss_floor = 0.5 x the lowest '
+          'smoothed loss so far', log_hyperparams=True),
+      'yellowfin_auto_floor90': OptimizerSpec(
+          lambda lr, steps: running_floor(yf.yellowfin_auto, 0.9), None,
+          'yellowfin', 'yellowfin_auto with loss_floor = 0.9 x the lowest '
+          'smoothed loss so far', log_hyperparams=True),
+      'yellowfin_auto_rms_T_floor90': OptimizerSpec(
+          lambda lr, steps: running_floor(
+              lambda loss_floor: yf.yellowfin_auto(
+                  total_steps=steps, direction=yf.rms_direction(),
+                  loss_floor=loss_floor), 0.9), None,
+          'yellowfin', 'yellowfin_auto_rms_T with loss_floor = 0.9 x the '
+          'lowest smoothed loss so far', log_hyperparams=True),
       'yellowfin_cosine': OptimizerSpec(
           lambda lr, steps: yf.yellowfin(
               lr_factor=optax.cosine_decay_schedule(1.0, steps)), None,

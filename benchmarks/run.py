@@ -73,7 +73,11 @@ BASE_COMPARISONS = (
     ('yellowfin_auto_rms_T', 'adam_cosine'),
     ('yellowfin_auto_rms_T', 'yellowfin_auto_T'),
     ('yellowfin_auto_rms_T_warm10', 'adam'),
-    ('yellowfin_auto_rms_T_warm10', 'momentum_sgd'))
+    ('yellowfin_auto_rms_T_warm10', 'momentum_sgd'),
+    ('yellowfin_auto_floor50', 'adam'), ('yellowfin_auto_floor90', 'adam'),
+    ('yellowfin_auto_floor90', 'momentum_sgd'),
+    ('yellowfin_auto_rms_T_floor90', 'adam'),
+    ('yellowfin_auto_rms_T_floor90', 'momentum_sgd'))
 
 # What --before chains in front of every optimizer (issue 18: does the tuner
 # survive a clip or a diagonal preconditioner?).
