@@ -639,7 +639,7 @@ def measure_and_tune(config: _Config, updates, state: YellowFinState, value,
   if raw is None:
     s_raw, ema_sq, ema_dot_g = tree_dots(
         (g32, state.grad_ema), [(0, 0), (1, 1), (1, 0)])
-    along = jnp.ones([], jnp.float32)
+    along = 1.0  # d is g
   else:  # the part of ||d||^2 along the gradient: <g, d> / ||d||^2
     s_raw, ema_sq, ema_dot_g, g_dot_d = tree_dots(
         (g32, state.grad_ema, raw), [(0, 0), (1, 1), (1, 0), (2, 0)])
